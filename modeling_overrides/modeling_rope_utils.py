@@ -1,0 +1,136 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""RoPE frequency updates for rotary embeddings whose frequencies depend on the sequence length."""
+
+from functools import wraps
+
+import torch
+
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def get_rope_type(config) -> str:
+    """Returns the RoPE type of `config` (`"default"` when it has no RoPE scaling)."""
+    rope_parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+
+
+def get_longrope_switch_point(config) -> int:
+    """
+    Returns the sequence length up to which a longrope model uses its short factors: its
+    `original_max_position_embeddings`. Sequences longer than this use the long factors.
+    """
+    rope_parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    switch_point = rope_parameters.get("original_max_position_embeddings")
+    if switch_point is None:
+        switch_point = getattr(config, "original_max_position_embeddings", None)
+    if switch_point is None:
+        raise ValueError(
+            "A longrope config needs `original_max_position_embeddings`, the sequence length at which the long "
+            "factors take over; found none in `rope_parameters` nor on the config."
+        )
+    return int(switch_point)
+
+
+def longrope_uses_long_factors(config, sequence_length: int) -> bool:
+    """
+    The one rule for longrope: a sequence of `sequence_length` tokens is rotated with the long factors if and only if
+    it is longer than `original_max_position_embeddings`. The frequency update below and the cache bookkeeping in
+    `rope_cache_utils` both decide with it.
+    """
+    return sequence_length > get_longrope_switch_point(config)
+
+
+def dynamic_rope_update(rope_forward):
+    """
+    Decorator function to update the RoPE parameters in the forward pass, if the model is using a dynamic RoPE
+    (i.e. a RoPE implementation that may recompute its frequencies in the forward pass).
+
+    For `longrope`, the choice between the short and the long factors is made on the device with `torch.where` and
+    written in place into `inv_freq`: no device->host synchronisation, and the buffer keeps its address so that
+    compiled graphs and CUDA graphs can replay it.
+
+    Args:
+        rope_forward (Callable):
+            The forward pass of the RoPE implementation.
+
+    Returns:
+        The decorated forward pass.
+    """
+
+    def longrope_frequency_update(self, position_ids, device, layer_type=None):
+        """Longrope uses the long factors if the sequence is longer than the original pretraining length."""
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
+        config_for_layer = self.config
+        switch_point = (
+            get_longrope_switch_point(config_for_layer)
+            if layer_type is None
+            else int(self.config.rope_parameters[layer_type]["original_max_position_embeddings"])
+        )
+
+        long_inv_freq = getattr(self, f"{prefix}long_inv_freq", None)
+        if long_inv_freq is None:
+            rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+            init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
+            long_inv_freq, _ = rope_init_fn(self.config, device, seq_len=switch_point + 1, **init_kwargs)
+        # `long_inv_freq` is a plain attribute, which `model.to(...)` does not move
+        long_inv_freq = long_inv_freq.to(device)
+        setattr(self, f"{prefix}long_inv_freq", long_inv_freq)
+        original_inv_freq = getattr(self, f"{prefix}original_inv_freq").to(device)
+
+        # The sequence length is a 0-d tensor on the device: `torch.where` picks the set without reading it on the host
+        sequence_length = torch.max(position_ids) + 1
+        inv_freq = torch.where(sequence_length > switch_point, long_inv_freq, original_inv_freq)
+        getattr(self, f"{prefix}inv_freq").copy_(inv_freq)
+
+    def dynamic_frequency_update(self, position_ids, device, layer_type=None):
+        """
+        dynamic RoPE layers should recompute `inv_freq` in the following situations:
+        1 - growing beyond the cached sequence length (allow scaling)
+        2 - the current sequence length is in the original scale (avoid losing precision with small sequences)
+        """
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
+        max_seq_len_cached = getattr(self, f"{prefix}max_seq_len_cached", self.max_seq_len_cached)
+        original_inv_freq = getattr(self, f"{prefix}original_inv_freq")
+        sequence_length = torch.max(position_ids) + 1
+
+        if sequence_length > max_seq_len_cached:  # growth
+            rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+            init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
+            inv_freq, self.attention_scaling = rope_init_fn(
+                self.config, device, seq_len=sequence_length, **init_kwargs
+            )
+            self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
+            setattr(self, f"{prefix}max_seq_len_cached", sequence_length)
+
+        if sequence_length < self.original_max_seq_len and max_seq_len_cached > self.original_max_seq_len:  # reset
+            # `original_inv_freq` is a plain attribute in some releases, which `model.to(...)` does not move
+            original_inv_freq = original_inv_freq.to(device)
+            self.register_buffer(f"{prefix}inv_freq", original_inv_freq, persistent=False)
+            setattr(self, f"{prefix}original_inv_freq", original_inv_freq)
+            setattr(self, f"{prefix}max_seq_len_cached", self.original_max_seq_len)
+
+    @wraps(rope_forward)
+    def wrapper(self, x, position_ids, layer_type=None):
+        rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
+        kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+        if "dynamic" in rope_type:
+            dynamic_frequency_update(self, position_ids, device=x.device, **kwargs)
+        elif rope_type == "longrope":
+            longrope_frequency_update(self, position_ids, device=x.device, **kwargs)
+        return rope_forward(self, x, position_ids, **kwargs)
+
+    return wrapper

@@ -1,0 +1,201 @@
+"""
+Binds the fixes in `modeling_overrides` to the installed transformers at run time.
+
+    import patches
+    patches.apply()                  # or: import patches.auto
+    patches.apply(stale_cache="warn")
+    patches.status()
+    patches.revert()
+
+    with patches.applied(stale_cache="raise"):
+        ...
+"""
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+from modeling_overrides.rope_cache_utils import (
+    STALE_CACHE_POLICIES,
+    StaleRopeCacheError,
+    StaleRopeCacheWarning,
+    normalize_stale_cache_policy,
+    set_stale_cache_policy,
+)
+
+from . import versions
+from .binding import Binding, original_attribute
+
+
+__all__ = [
+    "STALE_CACHE_POLICIES",
+    "PatchStatus",
+    "StaleRopeCacheError",
+    "StaleRopeCacheWarning",
+    "UnsupportedTransformersVersionError",
+    "apply",
+    "applied",
+    "revert",
+    "status",
+]
+
+
+class UnsupportedTransformersVersionError(RuntimeError):
+    """The installed transformers release is outside the range the patches are written for."""
+
+
+@dataclass
+class PatchStatus:
+    """What `patches` has done to the installed transformers."""
+
+    transformers_version: str
+    supported_range: str
+    version_supported: bool
+    applied: bool
+    stale_cache: dict[str, str]
+    patched: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        support = "supported" if self.version_supported else "NOT supported"
+        lines = [
+            f"transformers {self.transformers_version} ({support}; supported: {self.supported_range})",
+            f"applied: {'yes' if self.applied else 'no'}",
+            f"stale_cache: {self.stale_cache}",
+        ]
+        lines += [f"  patched  {name}" for name in self.patched]
+        lines += [f"  refused  {name}: {reason}" for name, reason in self.refused.items()]
+        return "\n".join(lines)
+
+
+_lock = threading.RLock()
+# (owner, attribute) -> the attribute as the class held it before `apply` (`None` if it inherited it)
+_originals: dict[tuple[type, str], object] = {}
+_patched: dict[tuple[type, str], str] = {}
+_refused: dict[str, str] = {}
+_policy: dict[str, str] = normalize_stale_cache_policy("recompute")
+_applied = False
+
+
+def apply(stale_cache: str | dict[str, str] = "recompute", force: bool = False) -> PatchStatus:
+    """
+    Patches the installed transformers so that decoding with a KV cache matches decoding without one.
+
+    Idempotent and thread-safe. Calling it again with another policy switches to that policy. Models built before
+    or after the call are patched alike: the patches replace methods of their classes.
+
+    Args:
+        stale_cache (`str` or `dict[str, str]`, defaults to `"recompute"`):
+            What to do when a cache was computed with RoPE frequencies that no longer apply: one of
+            `STALE_CACHE_POLICIES` (`"recompute"`, `"warn"`, `"raise"`, `"ignore"`), or a dict from RoPE type
+            (e.g. `"longrope"`) to one of them.
+        force (`bool`, defaults to `False`):
+            Patch a transformers release outside the supported range. Each replaced function is still checked
+            against the one the patch was written for, and left alone if it differs.
+
+    Returns:
+        The `PatchStatus` after the call.
+
+    Raises:
+        `ValueError`: for an unknown policy.
+        `UnsupportedTransformersVersionError`: for a release outside the supported range, unless `force=True`.
+    """
+    global _applied, _policy
+    policy = normalize_stale_cache_policy(stale_cache)
+    version = versions.installed_version()
+    if not versions.is_supported(version) and not force:
+        raise UnsupportedTransformersVersionError(
+            f"patches supports transformers {versions.supported_range()}, but {version} is installed. Nothing was "
+            "changed. Install a supported release, or pass `force=True` to patch anyway (each replaced function is "
+            "still checked, and left alone if it is not the one the patch was written for)."
+        )
+
+    from .targets import all_bindings
+
+    with _lock:
+        wanted = all_bindings(policy)
+        wanted_keys = {(binding.owner, binding.attribute) for binding in wanted}
+        for key in list(_patched):
+            if key not in wanted_keys:
+                _restore(key)
+        _refused.clear()
+        for binding in wanted:
+            _bind(binding)
+        set_stale_cache_policy(policy)
+        _policy = policy
+        _applied = True
+        return status()
+
+
+def revert() -> PatchStatus:
+    """Puts back the original transformers functions (the very same objects) and the default policy."""
+    global _applied, _policy
+    with _lock:
+        for key in list(_patched):
+            _restore(key)
+        _refused.clear()
+        _policy = normalize_stale_cache_policy("recompute")
+        set_stale_cache_policy(_policy)
+        _applied = False
+        return status()
+
+
+def status() -> PatchStatus:
+    """Reports the transformers version, what is patched, what was refused and why, and the policy in force."""
+    version = versions.installed_version()
+    with _lock:
+        return PatchStatus(
+            transformers_version=str(version),
+            supported_range=versions.supported_range(),
+            version_supported=versions.is_supported(version),
+            applied=_applied,
+            stale_cache=dict(_policy),
+            patched=sorted(_patched.values()),
+            refused=dict(_refused),
+        )
+
+
+@contextlib.contextmanager
+def applied(stale_cache: str | dict[str, str] = "recompute", force: bool = False):
+    """
+    Context manager: applies the patches on entry and, on exit, returns to the state before it (reverted, or
+    applied with the previous policy).
+    """
+    with _lock:
+        was_applied, previous_policy = _applied, dict(_policy)
+        apply(stale_cache=stale_cache, force=force)
+    try:
+        yield status()
+    finally:
+        with _lock:
+            if was_applied:
+                apply(stale_cache=previous_policy, force=True)
+            else:
+                revert()
+
+
+def _bind(binding: Binding) -> None:
+    key = (binding.owner, binding.attribute)
+    current = original_attribute(binding.owner, binding.attribute)
+    original = _originals[key] if key in _patched else current
+    reason = binding.check(original)
+    if reason is not None:
+        _refused[binding.name] = reason
+        if key in _patched:
+            _restore(key)
+        return
+    if key in _patched:
+        return
+    _originals[key] = original
+    setattr(binding.owner, binding.attribute, binding.replacement(original))
+    _patched[key] = binding.name
+
+
+def _restore(key: tuple[type, str]) -> None:
+    owner, attribute = key
+    original = _originals.pop(key)
+    if original is None:
+        delattr(owner, attribute)
+    else:
+        setattr(owner, attribute, original)
+    del _patched[key]

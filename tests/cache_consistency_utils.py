@@ -1,0 +1,119 @@
+"""
+Shared helpers for the cache-consistency tests and the demo: tiny models with a small RoPE switch point, and the
+reference every cached decoding path is measured against, a forward pass without cache over the same tokens.
+"""
+
+import torch
+
+from transformers import Phi3Config, Phi3ForCausalLM
+
+
+SWITCH_POINT = 32
+"""`original_max_position_embeddings` of the tiny longrope models: sequences longer than this use the long factors."""
+
+FP32_TOLERANCE = 1e-4
+"""Max |Δlogit| accepted against the no-cache reference in fp32. Cached and uncached forward passes of the tiny models
+differ by ~1e-7 (matrix products of different shapes round differently); a stale cache differs by ~1e-2 or more."""
+
+
+def tiny_phi3_config(rope_type: str = "longrope", switch_point: int = SWITCH_POINT, **overrides) -> Phi3Config:
+    """A two-layer Phi-3 config whose longrope factors switch after `switch_point` tokens."""
+    head_dim = 8
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_type == "longrope":
+        rope_parameters = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
+            "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
+            "original_max_position_embeddings": switch_point,
+        }
+    config = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4 * switch_point,
+        # On 5.x the switch point must also be given at the top level, or it silently stays 4096
+        "original_max_position_embeddings": switch_point,
+        "initializer_range": 0.2,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "rope_parameters": rope_parameters,
+        **overrides,
+    }
+    return Phi3Config(**config)
+
+
+def tiny_phi3_model(rope_type: str = "longrope", seed: int = 0, **overrides) -> Phi3ForCausalLM:
+    """A randomly initialised tiny Phi-3 causal LM in eval mode (fp32, eager attention)."""
+    torch.manual_seed(seed)
+    config = tiny_phi3_config(rope_type, attn_implementation="eager", **overrides)
+    return Phi3ForCausalLM(config).eval()
+
+
+def random_tokens(length: int, batch_size: int = 1, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
+    """Random token ids that avoid the special tokens 0-2 (pad, bos, eos)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch_size, length), generator=generator)
+
+
+@torch.no_grad()
+def no_cache_logits(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """Logits of the last token from a forward pass without cache over `input_ids`: the reference."""
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    outputs = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return outputs.logits[:, -1]
+
+
+@torch.no_grad()
+def hand_written_loop_errors(model, input_ids, prompt_length: int, past_key_values=None, chunk_size: int = 1):
+    """
+    Feeds `input_ids[:, :prompt_length]` and then the rest, `chunk_size` tokens at a time, through a cache as a
+    hand-written loop does (`model(new_tokens, past_key_values=cache)`), and returns for each new token the max
+    |Δlogit| against the no-cache reference, and the cache at the end.
+    """
+    outputs = model(input_ids[:, :prompt_length], past_key_values=past_key_values, use_cache=True)
+    cache = outputs.past_key_values
+    errors = []
+    for start in range(prompt_length, input_ids.shape[1], chunk_size):
+        chunk = input_ids[:, start : start + chunk_size]
+        outputs = model(chunk, past_key_values=cache, use_cache=True)
+        assert outputs.logits.shape[1] == chunk.shape[1], "the logits must cover the caller's tokens only"
+        assert outputs.past_key_values is cache, "the caller's cache object must be kept"
+        for offset in range(chunk.shape[1]):
+            reference = no_cache_logits(model, input_ids[:, : start + offset + 1])
+            errors.append((outputs.logits[:, offset] - reference).abs().max().item())
+    return errors, cache
+
+
+@torch.no_grad()
+def generate_errors(model, input_ids, attention_mask=None, **generate_kwargs):
+    """
+    Runs `generate()` and returns the generated sequences and, for every generated token, the max |Δlogit| between
+    the logits `generate()` saw and the no-cache reference over the same tokens.
+    """
+    outputs = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=model.config.pad_token_id,
+        **generate_kwargs,
+    )
+    prompt_length = input_ids.shape[1]
+    errors = []
+    for step, step_logits in enumerate(outputs.logits):
+        length = prompt_length + step
+        mask = attention_mask
+        if attention_mask is not None:
+            extra = torch.ones(attention_mask.shape[0], step, dtype=attention_mask.dtype)
+            mask = torch.cat([attention_mask, extra], dim=-1)
+        reference = no_cache_logits(model, outputs.sequences[:, :length], attention_mask=mask)
+        errors.append((step_logits - reference).abs().max().item())
+    return outputs.sequences, errors
