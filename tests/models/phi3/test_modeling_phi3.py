@@ -1,0 +1,301 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Testing the Phi-3 KV cache across the longrope switch: every decoding path against the no-cache forward pass."""
+
+import unittest
+
+import torch
+from parameterized import parameterized
+
+import patches
+from transformers import DynamicCache, StaticCache
+from transformers.testing_utils import require_torch
+
+from ...cache_consistency_utils import (
+    FP32_TOLERANCE,
+    SWITCH_POINT,
+    generate_errors,
+    hand_written_loop_errors,
+    no_cache_logits,
+    random_tokens,
+    tiny_phi3_model,
+)
+
+
+def make_cache(kind: str, model):
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=3 * SWITCH_POINT)
+
+
+@require_torch
+class Phi3LongRopeCacheTest(unittest.TestCase):
+    def setUp(self):
+        self.enterContext(patches.applied())
+        self.model = tiny_phi3_model()
+
+    def assertMatchesNoCache(self, errors):
+        self.assertGreater(len(errors), 0)
+        self.assertLessEqual(max(errors), FP32_TOLERANCE, f"max |Δlogit| per step: {errors}")
+
+    def test_cache_contents_in_short_region_change_after_switch(self):
+        # The upstream regression idea: once the switch is crossed, the keys cached for the first tokens are
+        # recomputed with the long factors (and equal those of a fresh forward pass over the whole sequence).
+        input_ids = random_tokens(SWITCH_POINT + 4)
+        prompt_length = SWITCH_POINT - 2
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(input_ids[:, :prompt_length], past_key_values=cache)
+            short_keys = cache.layers[0].keys[:, :, :prompt_length].clone()
+            for position in range(prompt_length, input_ids.shape[1]):
+                self.model(input_ids[:, position : position + 1], past_key_values=cache)
+            fresh = self.model(input_ids, use_cache=True).past_key_values
+
+        self.assertFalse(torch.allclose(short_keys, cache.layers[0].keys[:, :, :prompt_length]))
+        torch.testing.assert_close(cache.layers[-1].keys, fresh.layers[-1].keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.layers[-1].values, fresh.layers[-1].values, rtol=1e-5, atol=1e-5)
+
+    @parameterized.expand(
+        [
+            ("dynamic_one_token", "dynamic", 1),
+            ("dynamic_chunks_across_switch", "dynamic", 3),
+            ("static_one_token", "static", 1),
+            ("static_chunks_across_switch", "static", 3),
+        ]
+    )
+    def test_hand_written_loop_matches_no_cache(self, _, cache_kind, chunk_size):
+        input_ids = random_tokens(SWITCH_POINT + 10)
+        cache = make_cache(cache_kind, self.model)
+        errors, returned_cache = hand_written_loop_errors(
+            self.model, input_ids, SWITCH_POINT - 4, past_key_values=cache, chunk_size=chunk_size
+        )
+        self.assertMatchesNoCache(errors)
+        self.assertIs(returned_cache, cache)
+        self.assertIs(type(returned_cache), type(cache))
+
+    def test_hand_written_loop_with_cache_created_by_the_model(self):
+        errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 6), SWITCH_POINT - 3)
+        self.assertMatchesNoCache(errors)
+
+    def test_hand_written_loop_from_inputs_embeds(self):
+        input_ids = random_tokens(SWITCH_POINT + 4)
+        prompt_length = SWITCH_POINT - 2
+        embeddings = self.model.get_input_embeddings()
+        with torch.no_grad():
+            outputs = self.model(inputs_embeds=embeddings(input_ids[:, :prompt_length]), use_cache=True)
+            cache = outputs.past_key_values
+            errors = []
+            for position in range(prompt_length, input_ids.shape[1]):
+                outputs = self.model(input_ids[:, position : position + 1], past_key_values=cache)
+                reference = no_cache_logits(self.model, input_ids[:, : position + 1])
+                errors.append((outputs.logits[:, -1] - reference).abs().max().item())
+        self.assertMatchesNoCache(errors)
+
+    def test_logits_to_keep_is_honoured_when_recomputing(self):
+        input_ids = random_tokens(SWITCH_POINT + 2)
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(input_ids[:, :SWITCH_POINT], past_key_values=cache)
+            outputs = self.model(input_ids[:, SWITCH_POINT:], past_key_values=cache, logits_to_keep=1)
+        self.assertEqual(outputs.logits.shape, (1, 1, self.model.config.vocab_size))
+        reference = no_cache_logits(self.model, input_ids)
+        self.assertLessEqual((outputs.logits[:, -1] - reference).abs().max().item(), FP32_TOLERANCE)
+
+    @parameterized.expand(
+        [
+            ("greedy", {"do_sample": False}),
+            ("sampling", {"do_sample": True, "top_k": 0}),
+            ("static_cache_implementation", {"do_sample": False, "cache_implementation": "static"}),
+        ]
+    )
+    def test_generate_matches_no_cache(self, _, generate_kwargs):
+        torch.manual_seed(0)
+        _, errors = generate_errors(self.model, random_tokens(SWITCH_POINT - 4), max_new_tokens=12, **generate_kwargs)
+        self.assertMatchesNoCache(errors)
+
+    @parameterized.expand([(3,), (6,)])
+    def test_prompt_lookup_decoding_matches_no_cache(self, num_candidates):
+        # A repetitive prompt makes prompt lookup propose candidates; some chunks straddle the switch and
+        # rejected candidates get the cache cropped.
+        half = random_tokens(SWITCH_POINT // 2 - 2)
+        prompt = torch.cat([half, half], dim=-1)
+        _, errors = generate_errors(
+            self.model, prompt, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=num_candidates
+        )
+        self.assertMatchesNoCache(errors)
+
+    def test_assisted_decoding_matches_no_cache(self):
+        assistant = tiny_phi3_model(seed=1)
+        _, errors = generate_errors(
+            self.model, random_tokens(SWITCH_POINT - 3), max_new_tokens=12, do_sample=False, assistant_model=assistant
+        )
+        self.assertMatchesNoCache(errors)
+
+    def test_generate_keeps_the_callers_static_cache(self):
+        cache = StaticCache(config=self.model.config, max_cache_len=2 * SWITCH_POINT)
+        with torch.no_grad():
+            outputs = self.model.generate(
+                random_tokens(SWITCH_POINT - 4),
+                past_key_values=cache,
+                max_new_tokens=10,
+                do_sample=False,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        self.assertIs(outputs.past_key_values, cache)
+        self.assertIs(type(outputs.past_key_values), StaticCache)
+        self.assertEqual(int(cache.get_seq_length()), SWITCH_POINT - 4 + 9)
+
+    def test_beam_search_matches_no_cache_beam_search(self):
+        prompt = random_tokens(SWITCH_POINT - 4)
+        with torch.no_grad():
+            kwargs = {"max_new_tokens": 10, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+            with_cache = self.model.generate(prompt, **kwargs)
+            without_cache = self.model.generate(prompt, use_cache=False, **kwargs)
+        self.assertTrue(torch.equal(with_cache, without_cache))
+
+    def test_left_padded_batch_generate_matches_no_cache(self):
+        prompt = random_tokens(SWITCH_POINT - 3, batch_size=2)
+        attention_mask = torch.ones_like(prompt)
+        attention_mask[1, :5] = 0
+        prompt[1, :5] = self.model.config.pad_token_id
+        _, errors = generate_errors(
+            self.model, prompt, attention_mask=attention_mask, max_new_tokens=8, do_sample=False
+        )
+        self.assertMatchesNoCache(errors)
+
+    def test_crossing_twice_in_one_cache_after_reset(self):
+        # A cache reused for a second prompt after `reset()` starts a fresh record.
+        cache = StaticCache(config=self.model.config, max_cache_len=2 * SWITCH_POINT)
+        for seed in (0, 1):
+            cache.reset()
+            errors, _ = hand_written_loop_errors(
+                self.model, random_tokens(SWITCH_POINT + 4, seed=seed), SWITCH_POINT - 2, past_key_values=cache
+            )
+            self.assertMatchesNoCache(errors)
+
+
+@require_torch
+class Phi3StaleCachePolicyTest(unittest.TestCase):
+    def setUp(self):
+        self.model = tiny_phi3_model()
+        self.input_ids = random_tokens(SWITCH_POINT + 4)
+
+    def _prefill(self):
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(self.input_ids[:, : SWITCH_POINT - 1], past_key_values=cache)
+        return cache
+
+    def _step(self, cache, position):
+        with torch.no_grad():
+            return self.model(self.input_ids[:, position : position + 1], past_key_values=cache)
+
+    def test_warn_warns_once_and_keeps_the_stale_cache(self):
+        with patches.applied(stale_cache="warn"):
+            cache = self._prefill()
+            self._step(cache, SWITCH_POINT - 1)
+            with self.assertWarns(patches.StaleRopeCacheWarning) as caught:
+                outputs = self._step(cache, SWITCH_POINT)
+            self.assertIn(f"now {SWITCH_POINT + 1} tokens long", str(caught.warning))
+            self.assertIn('stale_cache="recompute"', str(caught.warning))
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", patches.StaleRopeCacheWarning)
+                self._step(cache, SWITCH_POINT + 1)
+        reference = no_cache_logits(self.model, self.input_ids[:, : SWITCH_POINT + 1])
+        self.assertGreater((outputs.logits[:, -1] - reference).abs().max().item(), 100 * FP32_TOLERANCE)
+
+    def test_raise_raises_before_touching_the_cache(self):
+        with patches.applied(stale_cache="raise"):
+            cache = self._prefill()
+            self._step(cache, SWITCH_POINT - 1)
+            keys_before = cache.layers[0].keys.clone()
+            with self.assertRaisesRegex(patches.StaleRopeCacheError, "recompute"):
+                self._step(cache, SWITCH_POINT)
+        self.assertTrue(torch.equal(cache.layers[0].keys, keys_before))
+
+    def test_raise_in_generate(self):
+        with patches.applied(stale_cache="raise"), self.assertRaises(patches.StaleRopeCacheError):
+            self.model.generate(random_tokens(SWITCH_POINT - 2), max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    def test_ignore_keeps_the_stale_cache_silently(self):
+        with patches.applied(stale_cache="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", patches.StaleRopeCacheWarning)
+                errors, _ = hand_written_loop_errors(self.model, self.input_ids, SWITCH_POINT - 1)
+        self.assertGreater(max(errors), 100 * FP32_TOLERANCE)
+
+    def test_ignore_keeps_upstream_generate(self):
+        original = type(self.model).prepare_inputs_for_generation
+        with patches.applied(stale_cache="ignore"):
+            self.assertIs(type(self.model).prepare_inputs_for_generation, original)
+            _, errors = generate_errors(self.model, random_tokens(SWITCH_POINT - 2), max_new_tokens=6)
+        self.assertLessEqual(max(errors), FP32_TOLERANCE)
+
+    def test_recompute_refuses_a_cache_cropped_outside_the_model(self):
+        with patches.applied(stale_cache="recompute"):
+            cache = self._prefill()
+            self._step(cache, SWITCH_POINT - 1)
+            cache.crop(-1)
+            self._step(cache, SWITCH_POINT - 1)
+            with self.assertRaisesRegex(patches.StaleRopeCacheError, "cropped, reordered or filled outside"):
+                self._step(cache, SWITCH_POINT)
+
+    @parameterized.expand([("unknown_string", "sometimes"), ("unknown_in_dict", {"longrope": "maybe"})])
+    def test_unknown_policy_is_a_value_error(self, _, policy):
+        with self.assertRaisesRegex(ValueError, "recompute.*warn.*raise.*ignore"):
+            patches.apply(stale_cache=policy)
+        self.assertFalse(patches.status().applied)
+
+    def test_unknown_rope_type_in_policy_is_a_value_error(self):
+        with self.assertRaisesRegex(ValueError, "longrope"):
+            patches.apply(stale_cache={"yarn": "recompute"})
+
+
+@require_torch
+class Phi3UntouchedModelsTest(unittest.TestCase):
+    def test_default_rope_outputs_are_bitwise_unchanged(self):
+        model = tiny_phi3_model(rope_type="default")
+        input_ids = random_tokens(SWITCH_POINT + 6)
+
+        def run():
+            logits = []
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                logits.append(model(input_ids[:, : SWITCH_POINT - 2], past_key_values=cache).logits)
+                for position in range(SWITCH_POINT - 2, input_ids.shape[1]):
+                    logits.append(model(input_ids[:, position : position + 1], past_key_values=cache).logits)
+            return logits
+
+        unpatched = run()
+        with patches.applied():
+            patched = run()
+        for before, after in zip(unpatched, patched):
+            self.assertTrue(torch.equal(before, after))
+
+    def test_decode_step_compiles_with_fullgraph(self):
+        model = tiny_phi3_model()
+        input_ids = random_tokens(SWITCH_POINT + 2)
+        with patches.applied():
+            cache = StaticCache(config=model.config, max_cache_len=2 * SWITCH_POINT)
+            with torch.no_grad():
+                model(input_ids[:, :-1], past_key_values=cache)
+                compiled_step = torch.compile(model.forward, fullgraph=True, backend="eager")
+                outputs = compiled_step(input_ids[:, -1:], past_key_values=cache)
+        reference = no_cache_logits(model, input_ids)
+        self.assertLessEqual((outputs.logits[:, -1] - reference).abs().max().item(), FP32_TOLERANCE)

@@ -1,0 +1,136 @@
+"""Testing the `patches` API: apply, revert, status, applied, the version gate and the per-function checks."""
+
+import threading
+import unittest
+from unittest import mock
+
+from packaging.version import Version
+
+import patches
+from patches import versions
+from transformers.models.phi3 import modeling_phi3
+
+
+PATCHED_ATTRIBUTES = [
+    (modeling_phi3.Phi3RotaryEmbedding, "forward"),
+    (modeling_phi3.Phi3ForCausalLM, "forward"),
+    (modeling_phi3.Phi3ForCausalLM, "prepare_inputs_for_generation"),
+]
+
+
+def snapshot():
+    return {(owner, name): owner.__dict__.get(name) for owner, name in PATCHED_ATTRIBUTES}
+
+
+class PatchesApiTest(unittest.TestCase):
+    def setUp(self):
+        patches.revert()
+        self.originals = snapshot()
+        self.addCleanup(patches.revert)
+
+    def test_apply_replaces_and_revert_restores_the_very_same_objects(self):
+        patches.apply()
+        patched = snapshot()
+        for key, original in self.originals.items():
+            self.assertIsNot(patched[key], original, key)
+        patches.revert()
+        for key, original in snapshot().items():
+            self.assertIs(original, self.originals[key], key)
+
+    def test_apply_is_idempotent(self):
+        first = patches.apply()
+        after_first = snapshot()
+        second = patches.apply()
+        for key, value in snapshot().items():
+            self.assertIs(value, after_first[key], key)
+        self.assertEqual(first, second)
+        patches.revert()
+        self.assertEqual(snapshot(), self.originals)
+
+    def test_apply_from_several_threads(self):
+        barrier = threading.Barrier(8)
+        errors = []
+
+        def worker():
+            try:
+                barrier.wait()
+                patches.apply()
+            except Exception as error:  # pragma: no cover - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(patches.status().patched), len(PATCHED_ATTRIBUTES))
+        patches.revert()
+        for key, original in snapshot().items():
+            self.assertIs(original, self.originals[key], key)
+
+    def test_status_reports_version_policy_and_patched_functions(self):
+        status = patches.status()
+        self.assertFalse(status.applied)
+        self.assertEqual(status.patched, [])
+        status = patches.apply(stale_cache="warn")
+        self.assertTrue(status.applied)
+        self.assertEqual(status.stale_cache, {"longrope": "warn"})
+        self.assertIn("Phi3ForCausalLM.forward", status.patched)
+        self.assertEqual(status.transformers_version, str(versions.installed_version()))
+        self.assertIn("stale_cache: {'longrope': 'warn'}", str(status))
+
+    def test_changing_policy_to_ignore_unbinds_the_causal_lm(self):
+        patches.apply()
+        status = patches.apply(stale_cache="ignore")
+        self.assertEqual(status.patched, ["Phi3RotaryEmbedding.forward"])
+        self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], self.originals[PATCHED_ATTRIBUTES[1]])
+
+    def test_applied_context_restores_the_previous_state(self):
+        with patches.applied(stale_cache="raise") as status:
+            self.assertEqual(status.stale_cache, {"longrope": "raise"})
+        self.assertFalse(patches.status().applied)
+        self.assertEqual(snapshot(), self.originals)
+
+        patches.apply(stale_cache="warn")
+        with patches.applied(stale_cache="raise"):
+            pass
+        self.assertEqual(patches.status().stale_cache, {"longrope": "warn"})
+
+    def test_unsupported_version_is_refused_and_nothing_changes(self):
+        for version in ("4.30.0", "6.1.0"):
+            with mock.patch.object(versions, "installed_version", return_value=Version(version)):
+                with self.assertRaises(patches.UnsupportedTransformersVersionError) as raised:
+                    patches.apply()
+                self.assertIn(version, str(raised.exception))
+                self.assertIn(versions.supported_range(), str(raised.exception))
+            self.assertEqual(snapshot(), self.originals)
+
+    def test_force_patches_an_unsupported_version(self):
+        with mock.patch.object(versions, "installed_version", return_value=Version("6.1.0")):
+            status = patches.apply(force=True)
+        self.assertTrue(status.applied)
+        self.assertFalse(status.version_supported)
+
+    def test_a_changed_upstream_function_is_refused_not_patched(self):
+        def forward(self, input_ids, something_new=None):  # not the function the patch was written for
+            return None
+
+        with mock.patch.object(modeling_phi3.Phi3ForCausalLM, "forward", forward):
+            status = patches.apply()
+            self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], forward)
+            self.assertIn("Phi3ForCausalLM.forward", status.refused)
+            self.assertIn("signature changed", status.refused["Phi3ForCausalLM.forward"])
+            self.assertNotIn("Phi3ForCausalLM.forward", status.patched)
+            patches.revert()
+            self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], forward)
+
+    def test_import_patches_auto_applies_defaults(self):
+        import importlib
+
+        import patches.auto
+
+        importlib.reload(patches.auto)
+        status = patches.status()
+        self.assertTrue(status.applied)
+        self.assertEqual(status.stale_cache, {"longrope": "recompute"})
