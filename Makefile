@@ -1,0 +1,36 @@
+# Entry points. `make install` sets up .venv; every other target uses it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TRANSFORMERS_VERSION ?= 5.23.0
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install demo test test-slow style quality
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet transformers==$(TRANSFORMERS_VERSION) -e ".[dev]"
+
+# The main job: every decoding path across the longrope switch, unpatched vs patched, on tiny models.
+demo: install
+	$(PY) scripts/reproduce.py
+
+test: install
+	$(PY) -m pytest tests -q
+
+# Real sizes, GPUs and local checkpoints (tests marked @slow).
+test-slow: install
+	RUN_SLOW=1 $(PY) -m pytest tests -q
+
+style: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+quality: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
