@@ -73,9 +73,8 @@ def dynamic_rope_update(rope_forward):
         """Longrope uses the long factors if the sequence is longer than the original pretraining length."""
         prefix = "" if layer_type is None else f"{layer_type}_"
         rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
-        config_for_layer = self.config
         switch_point = (
-            get_longrope_switch_point(config_for_layer)
+            get_longrope_switch_point(self.config)
             if layer_type is None
             else int(self.config.rope_parameters[layer_type]["original_max_position_embeddings"])
         )

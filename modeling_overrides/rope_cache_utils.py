@@ -235,6 +235,8 @@ class RopeCacheRecord:
     def append(self, chunk: _FedChunk, regime: str | None):
         if self.chunks is not None:
             self.chunks.append(chunk)
+            if len(self.chunks) >= _MAX_CHUNKS:
+                self.chunks = _merge_chunks(self.chunks)
         self.length += chunk.length
         self.regime = regime
 
@@ -266,6 +268,40 @@ class RopeCacheRecord:
             batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             position_ids = torch.cat([_chunk_positions(chunk, batch_size) for chunk in chunks], dim=-1)
         return input_ids, inputs_embeds, position_ids
+
+
+_MAX_CHUNKS = 64
+"""Decoding feeds one token per step: the record merges its chunks when it holds this many, to stay a short list."""
+
+
+def _merge_chunks(chunks: list[_FedChunk]) -> list[_FedChunk]:
+    """Concatenates runs of neighbouring chunks of the same kind (token ids or embeddings, with or without positions)."""
+
+    def kind(chunk):
+        positions_shape = chunk.position_ids.shape[:-1] if chunk.position_ids is not None else None
+        return chunk.input_ids is not None, positions_shape
+
+    merged = [chunks[0]]
+    for chunk in chunks[1:]:
+        previous = merged[-1]
+        if kind(chunk) != kind(previous):
+            merged.append(chunk)
+            continue
+        merged[-1] = _FedChunk(
+            input_ids=torch.cat([previous.input_ids, chunk.input_ids], dim=1) if chunk.input_ids is not None else None,
+            inputs_embeds=(
+                torch.cat([previous.inputs_embeds, chunk.inputs_embeds], dim=1)
+                if chunk.inputs_embeds is not None
+                else None
+            ),
+            position_ids=(
+                torch.cat([previous.position_ids, chunk.position_ids], dim=-1)
+                if chunk.position_ids is not None
+                else None
+            ),
+            start=previous.start,
+        )
+    return merged
 
 
 def _chunk_positions(chunk: _FedChunk, batch_size: int) -> torch.Tensor:
@@ -322,17 +358,23 @@ class RopeCacheUpdate:
     pass on the cache once the model has run.
     """
 
-    def __init__(self, model_inputs: dict, record=None, chunks=None, regime=None, restart=False):
+    def __init__(self, model_inputs: dict, config=None, record=None, chunks=None, regime=None, restart=False):
         self.model_inputs = model_inputs
+        self._config = config
         self._record = record
-        self._chunks = chunks or []
+        self._chunks = chunks
         self._regime = regime
         self._restart = restart
 
     def commit(self, past_key_values) -> None:
         """Records the forward pass on `past_key_values`, the cache the model returned (if any)."""
-        if past_key_values is None or self._regime is None:
+        if past_key_values is None or self._config is None:
             return
+        if self._chunks is None:
+            # The model created this cache itself: its record starts with this forward pass
+            chunk = _fed_chunk(self.model_inputs, start=0)
+            regime = _needed_regime(self._config, RopeCacheRecord(), 0, chunk.length, chunk.position_ids)
+            self._chunks, self._regime, self._restart = [chunk], regime, True
         record = RopeCacheRecord.of(past_key_values)
         if record is not self._record or self._restart:
             record.restart(self._regime, list(self._chunks))
@@ -340,6 +382,21 @@ class RopeCacheUpdate:
             for chunk in self._chunks:
                 record.append(chunk, self._regime)
         record.remember(past_key_values)
+
+
+def _fed_chunk(model_inputs: dict, start: int) -> _FedChunk:
+    """Copies the inputs of a forward pass for the record (callers may reuse their input buffers)."""
+    input_ids, inputs_embeds, position_ids = (
+        model_inputs["input_ids"],
+        model_inputs["inputs_embeds"],
+        model_inputs["position_ids"],
+    )
+    return _FedChunk(
+        input_ids=input_ids.clone() if input_ids is not None else None,
+        inputs_embeds=inputs_embeds.detach().clone() if input_ids is None else None,
+        position_ids=position_ids.clone() if position_ids is not None else None,
+        start=start,
+    )
 
 
 def prepare_rope_cache_update(
@@ -373,23 +430,18 @@ def prepare_rope_cache_update(
     if is_torchdynamo_compiling() or rope_type not in SEQUENCE_DEPENDENT_ROPE_TYPES or policy == "ignore":
         return RopeCacheUpdate(model_inputs)
 
+    if past_key_values is None:
+        # Nothing to check; `commit` records the pass only if the model creates a cache
+        return RopeCacheUpdate(model_inputs, config)
+
     new_inputs = input_ids if input_ids is not None else inputs_embeds
     new_length = new_inputs.shape[1]
-    if past_key_values is None:
-        cache_length, record = 0, None
-    else:
-        record = RopeCacheRecord.of(past_key_values)
-        cache_length = record.observe(past_key_values, config)
-
-    chunk = _FedChunk(
-        input_ids=input_ids.clone() if input_ids is not None else None,
-        inputs_embeds=inputs_embeds.detach().clone() if input_ids is None else None,
-        position_ids=position_ids.clone() if position_ids is not None else None,
-        start=cache_length,
-    )
-    regime = _needed_regime(config, record or RopeCacheRecord(), cache_length, new_length, position_ids)
+    record = RopeCacheRecord.of(past_key_values)
+    cache_length = record.observe(past_key_values, config)
+    chunk = _fed_chunk(model_inputs, start=cache_length)
+    regime = _needed_regime(config, record, cache_length, new_length, position_ids)
     if cache_length == 0 or record.regime == regime:
-        return RopeCacheUpdate(model_inputs, record, [chunk], regime)
+        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime)
 
     if policy == "raise":
         raise _stale_cache_error(
@@ -397,7 +449,7 @@ def prepare_rope_cache_update(
         )
     if policy == "warn":
         _warn_stale_cache(record, cache_length, new_length, regime, rope_type)
-        return RopeCacheUpdate(model_inputs, record, [chunk], regime)
+        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime)
 
     if not record.inputs_are_known:
         raise _stale_cache_error(
@@ -438,7 +490,7 @@ def prepare_rope_cache_update(
         model_inputs["logits_to_keep"] = logits_to_keep + cache_length
 
     past_key_values.reset()
-    return RopeCacheUpdate(model_inputs, record, [*record.chunks, chunk], regime, restart=True)
+    return RopeCacheUpdate(model_inputs, config, record, [*record.chunks, chunk], regime, restart=True)
 
 
 def refresh_rope_cache_for_generation(config, past_key_values, input_ids: torch.LongTensor, position_ids) -> bool:

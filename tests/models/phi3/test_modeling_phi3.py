@@ -175,6 +175,35 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
         )
         self.assertMatchesNoCache(errors)
 
+    def test_long_loop_with_explicit_positions_before_the_switch(self):
+        # Over 64 single-token steps before the switch: the record merges its chunks, positions included.
+        switch_point = 80
+        model = tiny_phi3_model(switch_point=switch_point)
+        input_ids = random_tokens(switch_point + 3)
+        cache = DynamicCache(config=model.config)
+        errors = []
+        with torch.no_grad():
+            model(input_ids[:, :2], position_ids=torch.arange(2)[None], past_key_values=cache)
+            for position in range(2, input_ids.shape[1]):
+                outputs = model(
+                    input_ids[:, position : position + 1],
+                    position_ids=torch.tensor([[position]]),
+                    past_key_values=cache,
+                )
+                if position >= switch_point - 1:
+                    reference = no_cache_logits(model, input_ids[:, : position + 1])
+                    errors.append((outputs.logits[:, -1] - reference).abs().max().item())
+        self.assertMatchesNoCache(errors)
+
+    def test_forward_without_cache_is_unchanged_and_unrecorded(self):
+        input_ids = random_tokens(SWITCH_POINT + 8, batch_size=2)
+        with torch.no_grad():
+            patched = self.model(input_ids, position_ids=torch.arange(input_ids.shape[1])[None], use_cache=False)
+            patches.revert()
+            upstream = self.model(input_ids, position_ids=torch.arange(input_ids.shape[1])[None], use_cache=False)
+        self.assertTrue(torch.equal(patched.logits, upstream.logits))
+        self.assertIsNone(patched.past_key_values)
+
     def test_crossing_twice_in_one_cache_after_reset(self):
         # A cache reused for a second prompt after `reset()` starts a fresh record.
         cache = StaticCache(config=self.model.config, max_cache_len=2 * SWITCH_POINT)
