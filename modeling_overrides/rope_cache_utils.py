@@ -101,6 +101,19 @@ def get_stale_cache_policy(rope_type: str) -> str:
     return _stale_cache_policies.get(rope_type, "ignore")
 
 
+def _enforced_stale_cache_policy(config) -> str | None:
+    """
+    The stale-cache policy to enforce on caches of a model with `config`, or `None` when they are not checked: its
+    frequencies do not depend on the sequence length, its policy is `"ignore"`, or the call is being traced by
+    `torch.compile` (the host-side bookkeeping cannot run inside a graph; the compiled step is left as it is).
+    """
+    rope_type = get_rope_type(config)
+    policy = get_stale_cache_policy(rope_type)
+    if is_torchdynamo_compiling() or rope_type not in SEQUENCE_DEPENDENT_ROPE_TYPES or policy == "ignore":
+        return None
+    return policy
+
+
 def rope_frequency_regime(config, sequence_length: int) -> str | None:
     """
     Names the set of RoPE frequencies a model with `config` uses for a sequence of `sequence_length` tokens, or
@@ -424,10 +437,8 @@ def prepare_rope_cache_update(
         "position_ids": position_ids,
         "logits_to_keep": logits_to_keep,
     }
-    rope_type = get_rope_type(config)
-    policy = get_stale_cache_policy(rope_type)
-    # Inside a compiled graph the host-side bookkeeping cannot run: the caller's compiled step is left as it is
-    if is_torchdynamo_compiling() or rope_type not in SEQUENCE_DEPENDENT_ROPE_TYPES or policy == "ignore":
+    policy = _enforced_stale_cache_policy(config)
+    if policy is None:
         return RopeCacheUpdate(model_inputs)
 
     if past_key_values is None:
@@ -448,7 +459,7 @@ def prepare_rope_cache_update(
             record, cache_length, new_length, regime, 'Use `stale_cache="recompute"` to recompute it exactly.'
         )
     if policy == "warn":
-        _warn_stale_cache(record, cache_length, new_length, regime, rope_type)
+        _warn_stale_cache(record, cache_length, new_length, regime, get_rope_type(config))
         return RopeCacheUpdate(model_inputs, config, record, [chunk], regime)
 
     if not record.inputs_are_known:
@@ -499,9 +510,8 @@ def refresh_rope_cache_for_generation(config, past_key_values, input_ids: torch.
     stale-cache policy. Returns `True` when the cache was reset in place and the whole sequence must be fed through
     it, `False` when the cache can be used as it is.
     """
-    rope_type = get_rope_type(config)
-    policy = get_stale_cache_policy(rope_type)
-    if past_key_values is None or rope_type not in SEQUENCE_DEPENDENT_ROPE_TYPES or policy == "ignore":
+    policy = _enforced_stale_cache_policy(config)
+    if past_key_values is None or policy is None:
         return False
 
     record = RopeCacheRecord.of(past_key_values)
@@ -524,7 +534,7 @@ def refresh_rope_cache_for_generation(config, past_key_values, input_ids: torch.
             record, cache_length, new_length, regime, 'Use `stale_cache="recompute"` to recompute it exactly.'
         )
     if policy == "warn":
-        _warn_stale_cache(record, cache_length, new_length, regime, rope_type)
+        _warn_stale_cache(record, cache_length, new_length, regime, get_rope_type(config))
         return False
 
     past_key_values.reset()
@@ -560,12 +570,9 @@ def split_inputs_at_rope_switch(
         "attention_mask": attention_mask,
         "logits_to_keep": logits_to_keep,
     }
-    rope_type = get_rope_type(config)
     if (
         past_key_values is None
-        or is_torchdynamo_compiling()
-        or rope_type not in SEQUENCE_DEPENDENT_ROPE_TYPES
-        or get_stale_cache_policy(rope_type) in ("ignore", "warn")
+        or _enforced_stale_cache_policy(config) in (None, "warn")
         or not isinstance(logits_to_keep, int)
         or (attention_mask is not None and attention_mask.dim() != 2)
     ):
