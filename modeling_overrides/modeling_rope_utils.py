@@ -52,14 +52,78 @@ def longrope_uses_long_factors(config, sequence_length: int) -> bool:
     return sequence_length > get_longrope_switch_point(config)
 
 
+def longrope_frequency_update(self, position_ids, device, layer_type=None):
+    """
+    Longrope uses the long factors if the sequence is longer than the original pretraining length, the short ones
+    otherwise. The choice is made on the device with `torch.where` and written in place into `inv_freq`: no
+    device->host synchronisation, and the buffer keeps its address so that compiled graphs and CUDA graphs can replay
+    it. The sequence length is `max(position_ids) + 1`, the rule `longrope_uses_long_factors` states.
+    """
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
+    switch_point = (
+        get_longrope_switch_point(self.config)
+        if layer_type is None
+        else int(self.config.rope_parameters[layer_type]["original_max_position_embeddings"])
+    )
+
+    long_inv_freq = getattr(self, f"{prefix}long_inv_freq", None)
+    if long_inv_freq is None:
+        rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+        init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        long_inv_freq, _ = rope_init_fn(self.config, device, seq_len=switch_point + 1, **init_kwargs)
+    # `long_inv_freq` is a plain attribute, which `model.to(...)` does not move
+    long_inv_freq = long_inv_freq.to(device)
+    setattr(self, f"{prefix}long_inv_freq", long_inv_freq)
+    original_inv_freq = getattr(self, f"{prefix}original_inv_freq")
+    if original_inv_freq.device != device:
+        # A plain attribute in some releases, which `model.to(...)` does not move either
+        original_inv_freq = original_inv_freq.to(device)
+        setattr(self, f"{prefix}original_inv_freq", original_inv_freq)
+
+    inv_freq = getattr(self, f"{prefix}inv_freq")
+    if inv_freq is original_inv_freq or inv_freq is long_inv_freq:
+        # Some releases start with `inv_freq` and `original_inv_freq` as one tensor (and older updates may have made
+        # it `long_inv_freq`): give `inv_freq` storage of its own once, so that the copy below overwrites neither
+        inv_freq = inv_freq.clone()
+        self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
+
+    # The sequence length is a 0-d tensor on the device: `torch.where` picks the set without reading it on the host
+    sequence_length = torch.max(position_ids) + 1
+    inv_freq.copy_(torch.where(sequence_length > switch_point, long_inv_freq, original_inv_freq))
+
+
+def dynamic_frequency_update(self, position_ids, device, layer_type=None):
+    """
+    dynamic RoPE layers should recompute `inv_freq` in the following situations:
+    1 - growing beyond the cached sequence length (allow scaling)
+    2 - the current sequence length is in the original scale (avoid losing precision with small sequences)
+    """
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
+    max_seq_len_cached = getattr(self, f"{prefix}max_seq_len_cached", self.max_seq_len_cached)
+    original_inv_freq = getattr(self, f"{prefix}original_inv_freq")
+    sequence_length = torch.max(position_ids) + 1
+
+    if sequence_length > max_seq_len_cached:  # growth
+        rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+        init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, self.attention_scaling = rope_init_fn(self.config, device, seq_len=sequence_length, **init_kwargs)
+        self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
+        setattr(self, f"{prefix}max_seq_len_cached", sequence_length)
+
+    if sequence_length < self.original_max_seq_len and max_seq_len_cached > self.original_max_seq_len:  # reset
+        # `original_inv_freq` is a plain attribute in some releases, which `model.to(...)` does not move
+        original_inv_freq = original_inv_freq.to(device)
+        self.register_buffer(f"{prefix}inv_freq", original_inv_freq, persistent=False)
+        setattr(self, f"{prefix}original_inv_freq", original_inv_freq)
+        setattr(self, f"{prefix}max_seq_len_cached", self.original_max_seq_len)
+
+
 def dynamic_rope_update(rope_forward):
     """
     Decorator function to update the RoPE parameters in the forward pass, if the model is using a dynamic RoPE
     (i.e. a RoPE implementation that may recompute its frequencies in the forward pass).
-
-    For `longrope`, the choice between the short and the long factors is made on the device with `torch.where` and
-    written in place into `inv_freq`: no device->host synchronisation, and the buffer keeps its address so that
-    compiled graphs and CUDA graphs can replay it.
 
     Args:
         rope_forward (Callable):
@@ -68,59 +132,6 @@ def dynamic_rope_update(rope_forward):
     Returns:
         The decorated forward pass.
     """
-
-    def longrope_frequency_update(self, position_ids, device, layer_type=None):
-        """Longrope uses the long factors if the sequence is longer than the original pretraining length."""
-        prefix = "" if layer_type is None else f"{layer_type}_"
-        rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
-        switch_point = (
-            get_longrope_switch_point(self.config)
-            if layer_type is None
-            else int(self.config.rope_parameters[layer_type]["original_max_position_embeddings"])
-        )
-
-        long_inv_freq = getattr(self, f"{prefix}long_inv_freq", None)
-        if long_inv_freq is None:
-            rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
-            init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
-            long_inv_freq, _ = rope_init_fn(self.config, device, seq_len=switch_point + 1, **init_kwargs)
-        # `long_inv_freq` is a plain attribute, which `model.to(...)` does not move
-        long_inv_freq = long_inv_freq.to(device)
-        setattr(self, f"{prefix}long_inv_freq", long_inv_freq)
-        original_inv_freq = getattr(self, f"{prefix}original_inv_freq").to(device)
-
-        # The sequence length is a 0-d tensor on the device: `torch.where` picks the set without reading it on the host
-        sequence_length = torch.max(position_ids) + 1
-        inv_freq = torch.where(sequence_length > switch_point, long_inv_freq, original_inv_freq)
-        getattr(self, f"{prefix}inv_freq").copy_(inv_freq)
-
-    def dynamic_frequency_update(self, position_ids, device, layer_type=None):
-        """
-        dynamic RoPE layers should recompute `inv_freq` in the following situations:
-        1 - growing beyond the cached sequence length (allow scaling)
-        2 - the current sequence length is in the original scale (avoid losing precision with small sequences)
-        """
-        prefix = "" if layer_type is None else f"{layer_type}_"
-        rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
-        max_seq_len_cached = getattr(self, f"{prefix}max_seq_len_cached", self.max_seq_len_cached)
-        original_inv_freq = getattr(self, f"{prefix}original_inv_freq")
-        sequence_length = torch.max(position_ids) + 1
-
-        if sequence_length > max_seq_len_cached:  # growth
-            rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
-            init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
-            inv_freq, self.attention_scaling = rope_init_fn(
-                self.config, device, seq_len=sequence_length, **init_kwargs
-            )
-            self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
-            setattr(self, f"{prefix}max_seq_len_cached", sequence_length)
-
-        if sequence_length < self.original_max_seq_len and max_seq_len_cached > self.original_max_seq_len:  # reset
-            # `original_inv_freq` is a plain attribute in some releases, which `model.to(...)` does not move
-            original_inv_freq = original_inv_freq.to(device)
-            self.register_buffer(f"{prefix}inv_freq", original_inv_freq, persistent=False)
-            setattr(self, f"{prefix}original_inv_freq", original_inv_freq)
-            setattr(self, f"{prefix}max_seq_len_cached", self.original_max_seq_len)
 
     @wraps(rope_forward)
     def wrapper(self, x, position_ids, layer_type=None):

@@ -26,12 +26,15 @@ against the cache with host-side facts only (tensor identities, version counters
 steps never synchronise with the device.
 """
 
+import inspect
 import warnings
 import weakref
 from dataclasses import dataclass
+from functools import wraps
 
 import torch
 
+from transformers.cache_utils import DynamicCache
 from transformers.utils import is_torchdynamo_compiling
 
 from .modeling_rope_utils import get_rope_type, longrope_uses_long_factors
@@ -127,6 +130,8 @@ def rope_frequency_regime(config, sequence_length: int) -> str | None:
 
 def _first_layer_key_cache(cache) -> torch.Tensor | None:
     """The key tensor of the first cached layer, or `None` while the cache is empty."""
+    if isinstance(cache, (tuple, list)):
+        return cache[0][0] if len(cache) > 0 else None
     layers = getattr(cache, "layers", None)
     if layers is not None:
         if len(layers) == 0 or not getattr(layers[0], "is_initialized", False):
@@ -200,10 +205,14 @@ class RopeCacheRecord:
     @classmethod
     def of(cls, cache) -> "RopeCacheRecord":
         """Returns the record kept on `cache`, creating an empty one if it has none."""
-        record = getattr(cache, "_rope_cache_record", None)
+        # A legacy cache (a tuple of per-layer `(key, value)` tuples) cannot hold attributes; its first key tensor,
+        # which is carried over from one tuple to the next, holds the record instead
+        holder = _first_layer_key_cache(cache) if isinstance(cache, (tuple, list)) else cache
+        record = getattr(holder, "_rope_cache_record", None)
         if record is None:
             record = cls()
-            cache._rope_cache_record = record
+            if holder is not None:
+                holder._rope_cache_record = record
         return record
 
     @property
@@ -224,7 +233,7 @@ class RopeCacheRecord:
         if counter is not None and _same_tensor_state(self._counter_state, counter):
             cache_length = self.length
         else:
-            cache_length = cache.get_seq_length()
+            cache_length = cache[0][0].shape[-2] if isinstance(cache, (tuple, list)) else cache.get_seq_length()
             if isinstance(cache_length, torch.Tensor):
                 # One synchronisation, only after the cache was changed outside the model
                 cache_length = int(cache_length)
@@ -364,45 +373,73 @@ def _stale_cache_error(record: RopeCacheRecord, cache_length: int, new_length: i
     )
 
 
+def _reset_cache(cache) -> None:
+    """Empties `cache` in place, keeping the object."""
+    if hasattr(cache, "reset"):
+        cache.reset()
+    # Dynamic caches before 4.56 have no `reset`, and those of 4.56-4.57 zero their tensors on `reset` rather than
+    # dropping them: cropping them to nothing empties them
+    if isinstance(cache, DynamicCache) and cache.get_seq_length() > 0:
+        cache.crop(0)
+
+
+def _sequence_inputs(model_inputs: dict) -> torch.Tensor:
+    return model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else model_inputs["inputs_embeds"]
+
+
 class RopeCacheUpdate:
     """
     One forward pass through a cache, seen from the RoPE frequencies. Built before the forward pass by
-    `prepare_rope_cache_update`, which recomputes a stale prefix when the policy says so; `commit` then records the
-    pass on the cache once the model has run.
+    `prepare_rope_cache_update`, which recomputes a stale prefix when the policy says so. After the forward pass,
+    `commit` records it on the cache and `caller_outputs` drops the outputs of the recomputed prefix.
     """
 
-    def __init__(self, model_inputs: dict, config=None, record=None, chunks=None, regime=None, restart=False):
+    def __init__(self, model_inputs: dict, config=None, record=None, chunks=None, regime=None, prefix_length=None):
         self.model_inputs = model_inputs
         self._config = config
         self._record = record
         self._chunks = chunks
         self._regime = regime
-        self._restart = restart
+        # Set when the cache was reset and refilled: the number of recomputed tokens in front of the caller's
+        self._prefix_length = prefix_length
 
     def commit(self, past_key_values) -> None:
         """Records the forward pass on `past_key_values`, the cache the model returned (if any)."""
         if past_key_values is None or self._config is None:
             return
+        restart = self._prefix_length is not None
         if self._chunks is None:
             # The model created this cache itself: its record starts with this forward pass
             chunk = _fed_chunk(self.model_inputs, start=0)
             regime = _needed_regime(self._config, RopeCacheRecord(), 0, chunk.length, chunk.position_ids)
-            self._chunks, self._regime, self._restart = [chunk], regime, True
+            self._chunks, self._regime, restart = [chunk], regime, True
         record = RopeCacheRecord.of(past_key_values)
-        if record is not self._record or self._restart:
+        if record is not self._record or restart:
             record.restart(self._regime, list(self._chunks))
         else:
             for chunk in self._chunks:
                 record.append(chunk, self._regime)
         record.remember(past_key_values)
 
+    def caller_outputs(self, outputs):
+        """Returns `outputs` restricted to the caller's tokens (the recomputed prefix is not theirs)."""
+        if not self._prefix_length:
+            return outputs
+        prefix_length = self._prefix_length
+        outputs.last_hidden_state = outputs.last_hidden_state[:, prefix_length:]
+        if getattr(outputs, "hidden_states", None) is not None:
+            outputs.hidden_states = tuple(hidden_state[:, prefix_length:] for hidden_state in outputs.hidden_states)
+        if getattr(outputs, "attentions", None) is not None:
+            outputs.attentions = tuple(attention[..., prefix_length:, :] for attention in outputs.attentions)
+        return outputs
+
 
 def _fed_chunk(model_inputs: dict, start: int) -> _FedChunk:
     """Copies the inputs of a forward pass for the record (callers may reuse their input buffers)."""
     input_ids, inputs_embeds, position_ids = (
-        model_inputs["input_ids"],
-        model_inputs["inputs_embeds"],
-        model_inputs["position_ids"],
+        model_inputs.get("input_ids"),
+        model_inputs.get("inputs_embeds"),
+        model_inputs.get("position_ids"),
     )
     return _FedChunk(
         input_ids=input_ids.clone() if input_ids is not None else None,
@@ -412,40 +449,34 @@ def _fed_chunk(model_inputs: dict, start: int) -> _FedChunk:
     )
 
 
-def prepare_rope_cache_update(
-    config,
-    past_key_values,
-    input_ids: torch.LongTensor | None,
-    inputs_embeds: torch.FloatTensor | None,
-    position_ids: torch.LongTensor | None,
-    attention_mask: torch.Tensor | None,
-    logits_to_keep: int | torch.Tensor,
-    embedding_layer: torch.nn.Module,
-) -> RopeCacheUpdate:
+def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embedding_layer) -> RopeCacheUpdate:
     """
-    Checks a forward pass of a causal LM against the RoPE regime its cache was filled in, and applies the stale-cache
-    policy. With `"recompute"`, a stale cache is reset in place and the inputs are extended with everything fed through
-    it before, so that one forward pass refills the same cache object with the right frequencies; `logits_to_keep` is
-    adjusted so that the caller still gets the logits of its own tokens only.
+    Checks a forward pass of a decoder model against the RoPE regime its cache was filled in, and applies the
+    stale-cache policy. With `"recompute"`, a stale cache is reset in place and the inputs are extended with everything
+    fed through it before, so that one forward pass refills the same cache object with the right frequencies.
 
-    Returns a `RopeCacheUpdate` whose `model_inputs` hold `input_ids`, `inputs_embeds`, `position_ids` and
-    `logits_to_keep` for the forward pass, and whose `commit` must be called with the returned cache afterwards.
+    Args:
+        config: the model's config.
+        past_key_values: the cache the forward pass extends (or `None`).
+        model_inputs (`dict`): the keyword arguments of the forward pass. `input_ids`, `inputs_embeds`,
+            `position_ids`, `attention_mask` and `cache_position` are read, and replaced when the prefix is recomputed.
+        embedding_layer (`nn.Module`): the model's input embeddings, to embed recorded token ids when some inputs were
+            given as embeddings.
+
+    Returns:
+        A `RopeCacheUpdate` whose `model_inputs` are the arguments for the forward pass. Its `commit` must be called
+        with the returned cache afterwards, and its `caller_outputs` gives the outputs of the caller's tokens.
     """
-    model_inputs = {
-        "input_ids": input_ids,
-        "inputs_embeds": inputs_embeds,
-        "position_ids": position_ids,
-        "logits_to_keep": logits_to_keep,
-    }
     policy = _enforced_stale_cache_policy(config)
     if policy is None:
         return RopeCacheUpdate(model_inputs)
-
     if past_key_values is None:
         # Nothing to check; `commit` records the pass only if the model creates a cache
         return RopeCacheUpdate(model_inputs, config)
 
-    new_inputs = input_ids if input_ids is not None else inputs_embeds
+    input_ids, inputs_embeds = model_inputs.get("input_ids"), model_inputs.get("inputs_embeds")
+    position_ids, attention_mask = model_inputs.get("position_ids"), model_inputs.get("attention_mask")
+    new_inputs = _sequence_inputs(model_inputs)
     new_length = new_inputs.shape[1]
     record = RopeCacheRecord.of(past_key_values)
     cache_length = record.observe(past_key_values, config)
@@ -471,16 +502,16 @@ def prepare_rope_cache_update(
             "It cannot be recomputed: the cache was cropped, reordered or filled outside the model, so the inputs "
             "it holds are unknown. Run the whole sequence again without the cache (or with an empty one).",
         )
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
         raise _stale_cache_error(
             record,
             cache_length,
             new_length,
             regime,
-            "Recomputing it needs a 2D attention mask over the whole sequence (or none), got a "
-            f"{attention_mask.dim()}D mask.",
+            "Recomputing it needs a 2D attention mask over the whole sequence (or none), got a 4D or prepared mask.",
         )
 
+    model_inputs = dict(model_inputs)
     prefix_ids, prefix_embeds, prefix_positions = record.fed_inputs(embedding_layer)
     if prefix_ids is not None and input_ids is not None:
         model_inputs["input_ids"] = torch.cat([prefix_ids, input_ids], dim=1)
@@ -495,98 +526,57 @@ def prepare_rope_cache_update(
         model_inputs["position_ids"] = torch.cat(
             [_chunk_positions(prefix_chunk, batch_size), _chunk_positions(chunk, batch_size)], dim=-1
         )
-    if isinstance(logits_to_keep, int):
-        model_inputs["logits_to_keep"] = new_length if logits_to_keep == 0 else min(logits_to_keep, new_length)
-    else:
-        model_inputs["logits_to_keep"] = logits_to_keep + cache_length
-
-    past_key_values.reset()
-    return RopeCacheUpdate(model_inputs, config, record, [*record.chunks, chunk], regime, restart=True)
-
-
-def refresh_rope_cache_for_generation(config, past_key_values, input_ids: torch.LongTensor, position_ids) -> bool:
-    """
-    Checks the cache `generate()` is about to extend with `input_ids` (the whole sequence so far) and applies the
-    stale-cache policy. Returns `True` when the cache was reset in place and the whole sequence must be fed through
-    it, `False` when the cache can be used as it is.
-    """
-    policy = _enforced_stale_cache_policy(config)
-    if past_key_values is None or policy is None:
-        return False
-
-    record = RopeCacheRecord.of(past_key_values)
-    cache_length = record.observe(past_key_values, config)
-    if cache_length == 0:
-        return False
-    new_length = input_ids.shape[1] - cache_length
-    new_positions = position_ids[..., cache_length:] if position_ids is not None else None
-    # The first and the last new token may need different regimes (a chunk across the switch, which `forward` splits)
-    first_regime = _needed_regime(
-        config, record, cache_length, 1, new_positions[..., :1] if new_positions is not None else None
-    )
-    regime = _needed_regime(config, record, cache_length, new_length, new_positions)
-    if record.regime == first_regime == regime:
-        return False
-    regime = regime if first_regime == record.regime else first_regime
-
-    if policy == "raise":
-        raise _stale_cache_error(
-            record, cache_length, new_length, regime, 'Use `stale_cache="recompute"` to recompute it exactly.'
+    if model_inputs.get("cache_position") is not None:
+        model_inputs["cache_position"] = torch.arange(
+            cache_length + new_length, device=model_inputs["cache_position"].device
         )
-    if policy == "warn":
-        _warn_stale_cache(record, cache_length, new_length, regime, get_rope_type(config))
-        return False
 
-    past_key_values.reset()
-    record.restart(regime=None, chunks=[])
-    record.remember(past_key_values)
-    return True
+    _reset_cache(past_key_values)
+    return RopeCacheUpdate(model_inputs, config, record, [*record.chunks, chunk], regime, prefix_length=cache_length)
 
 
-def split_inputs_at_rope_switch(
-    config,
-    past_key_values,
-    input_ids: torch.LongTensor | None,
-    inputs_embeds: torch.FloatTensor | None,
-    position_ids: torch.LongTensor | None,
-    attention_mask: torch.Tensor | None,
-    logits_to_keep: int | torch.Tensor,
-) -> list[dict]:
+def split_inputs_at_rope_switch(config, model_inputs: dict, logits_to_keep_name: str | None) -> list[dict]:
     """
-    Splits the inputs of a forward pass through a cache where the tokens whose logits are returned lie on both sides
-    of a RoPE switch (a verification chunk in assisted decoding, a multi-token step of a hand-written loop). Without
-    cache, each of those logits would come from a forward pass over the sequence up to its token, with the
-    frequencies of that length; one forward pass over the whole chunk would give them all the frequencies of the
-    longest. The chunk is therefore run as two forward passes through the same cache: the tokens before the switch,
-    then the others (which recompute the cache, by the policy).
+    Splits a multi-token forward pass of a causal LM through a cache when the tokens whose logits it returns lie on
+    both sides of a RoPE switch (a verification chunk in assisted decoding, a chunk of a hand-written loop). Decoding
+    token by token, each of those tokens would be processed with the frequencies of the sequence ending at it; one
+    forward pass over the whole chunk would give them all the frequencies of the longest. The chunk is therefore run
+    as two forward passes through the same cache: the tokens before the switch, then the others (which recompute the
+    cache, by the policy). Only the logits the caller keeps count: a prefill that returns the last logits is one pass.
 
-    Returns a list of one or two dicts of forward-pass inputs (`input_ids`, `inputs_embeds`, `position_ids`,
-    `attention_mask`, `logits_to_keep`), whose logits, concatenated, are the logits the caller asked for.
+    Args:
+        config: the model's config.
+        model_inputs (`dict`): the keyword arguments of the forward pass.
+        logits_to_keep_name (`str`, *optional*): the name of the forward pass's `logits_to_keep` argument
+            (`num_logits_to_keep` in older releases), or `None` if it has none (it then returns every logit).
+
+    Returns:
+        A list of one or two dicts of forward-pass keyword arguments whose logits, concatenated, are the logits the
+        caller asked for. Each part's `logits_to_keep` says how many of its logits are kept.
     """
-    inputs = {
-        "input_ids": input_ids,
-        "inputs_embeds": inputs_embeds,
-        "position_ids": position_ids,
-        "attention_mask": attention_mask,
-        "logits_to_keep": logits_to_keep,
-    }
+    past_key_values = model_inputs.get("past_key_values")
+    attention_mask = model_inputs.get("attention_mask")
+    logits_to_keep = model_inputs.get(logits_to_keep_name, 0) if logits_to_keep_name is not None else 0
     if (
         past_key_values is None
+        or model_inputs.get("labels") is not None
         or _enforced_stale_cache_policy(config) in (None, "warn")
         or not isinstance(logits_to_keep, int)
-        or (attention_mask is not None and attention_mask.dim() != 2)
+        or (
+            attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+        )
     ):
-        return [inputs]
-    new_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        return [model_inputs]
+    new_length = _sequence_inputs(model_inputs).shape[1]
     kept_length = new_length if logits_to_keep == 0 else min(logits_to_keep, new_length)
     if kept_length < 2:
-        return [inputs]
-
+        return [model_inputs]
     cache_length = RopeCacheRecord.of(past_key_values).observe(past_key_values, config)
     # Host-side bounds on the sequence lengths of the first kept token and of the last token
     first_kept_regime = rope_frequency_regime(config, cache_length + new_length - kept_length + 1)
     if first_kept_regime == rope_frequency_regime(config, cache_length + new_length):
-        return [inputs]
+        return [model_inputs]
+    position_ids = model_inputs.get("position_ids")
     if position_ids is None:
         sequence_lengths = range(cache_length + 1, cache_length + new_length + 1)
     else:
@@ -596,15 +586,215 @@ def split_inputs_at_rope_switch(
     split = next((index for index, regime in enumerate(regimes) if regime != regimes[0]), new_length)
     kept_before_split = kept_length - (new_length - split)
     if split in (0, new_length) or kept_before_split < 1:
-        return [inputs]
+        return [model_inputs]
 
     def part(start: int, end: int, kept: int) -> dict:
-        return {
-            "input_ids": input_ids[:, start:end] if input_ids is not None else None,
-            "inputs_embeds": inputs_embeds[:, start:end] if inputs_embeds is not None else None,
-            "position_ids": position_ids[..., start:end] if position_ids is not None else None,
-            "attention_mask": attention_mask[:, : cache_length + end] if attention_mask is not None else None,
-            "logits_to_keep": kept,
-        }
+        inputs = dict(model_inputs)
+        for name in ("input_ids", "position_ids", "cache_position"):
+            if inputs.get(name) is not None:
+                inputs[name] = inputs[name][..., start:end]
+        if inputs.get("inputs_embeds") is not None:
+            inputs["inputs_embeds"] = inputs["inputs_embeds"][:, start:end]
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask[:, : cache_length + end]
+        if logits_to_keep_name is not None:
+            inputs[logits_to_keep_name] = kept
+        return inputs
 
     return [part(0, split, kept_before_split), part(split, new_length, new_length - split)]
+
+
+def _concatenate_outputs(segment_outputs: list):
+    """Joins the outputs of consecutive forward passes over parts of one chunk, along the sequence."""
+    if len(segment_outputs) == 1:
+        return segment_outputs[0]
+    outputs = segment_outputs[-1]
+    for name in ("last_hidden_state", "logits"):
+        if getattr(outputs, name, None) is not None:
+            setattr(outputs, name, torch.cat([getattr(output, name) for output in segment_outputs], dim=1))
+    if getattr(outputs, "hidden_states", None) is not None:
+        outputs.hidden_states = tuple(
+            torch.cat(layer_states, dim=1)
+            for layer_states in zip(*(output.hidden_states for output in segment_outputs))
+        )
+    if getattr(outputs, "attentions", None) is not None:
+        # The earlier part's queries could not see the later part's keys: their weights there are zero
+        key_length = outputs.attentions[0].shape[-1]
+        outputs.attentions = tuple(
+            torch.cat(
+                [
+                    torch.nn.functional.pad(attention, (0, key_length - attention.shape[-1]))
+                    for attention in layer_attentions
+                ],
+                dim=-2,
+            )
+            for layer_attentions in zip(*(output.attentions for output in segment_outputs))
+        )
+    return outputs
+
+
+def _positional_parameter_names(method) -> list[str]:
+    """Names of the parameters of `method` that can be passed by position, after `self`."""
+    parameters = list(inspect.signature(method).parameters.values())[1:]
+    return [parameter.name for parameter in parameters if parameter.kind == parameter.POSITIONAL_OR_KEYWORD]
+
+
+def check_rope_cache(model_forward):
+    """
+    Decorator for the forward pass of a decoder model (`XxxModel.forward`) whose RoPE frequencies may depend on the
+    sequence length. It applies the stale-cache policy to the cache the forward pass extends: with `"recompute"`, a
+    cache filled with other frequencies is recomputed in place, in the caller's cache object, and the outputs are
+    those of the caller's tokens only, so that heads and callers see exactly what they would see without cache.
+
+    Models whose RoPE does not depend on the sequence length, and traced calls, go straight to `model_forward`.
+    Legacy caches (tuples of per-layer `(key, value)` tuples) are accepted and returned as such.
+    """
+    parameter_names = _positional_parameter_names(model_forward)
+
+    @wraps(model_forward)
+    def wrapper(self, *args, **kwargs):
+        kwargs.update(zip(parameter_names, args))
+        if _enforced_stale_cache_policy(self.config) is None or kwargs.get("use_cache") is False:
+            return model_forward(self, **kwargs)
+
+        legacy_cache = kwargs.get("past_key_values")
+        if isinstance(legacy_cache, (tuple, list)):
+            kwargs["past_key_values"] = _cache_from_legacy(legacy_cache)
+        else:
+            legacy_cache = None
+        return_tuple = kwargs.get("return_dict") is False
+        if return_tuple:
+            kwargs["return_dict"] = True
+
+        rope_cache_update = prepare_rope_cache_update(
+            self.config, kwargs.get("past_key_values"), kwargs, self.get_input_embeddings()
+        )
+        outputs = model_forward(self, **rope_cache_update.model_inputs)
+        rope_cache_update.commit(outputs.past_key_values)
+        outputs = rope_cache_update.caller_outputs(outputs)
+
+        if legacy_cache is not None and outputs.past_key_values is not None:
+            outputs.past_key_values = _legacy_from_cache(outputs.past_key_values)
+        return outputs.to_tuple() if return_tuple else outputs
+
+    return wrapper
+
+
+def split_at_rope_switch(causal_lm_forward):
+    """
+    Decorator for the forward pass of a causal LM whose decoder uses `check_rope_cache`: a chunk whose returned
+    logits lie on both sides of a RoPE switch runs as two forward passes (see `split_inputs_at_rope_switch`), so that
+    each token's logits are those of the sequence ending at it, as in token-by-token decoding without cache.
+    """
+    parameter_names = _positional_parameter_names(causal_lm_forward)
+    all_parameter_names = inspect.signature(causal_lm_forward).parameters
+    logits_to_keep_name = next(
+        (name for name in ("logits_to_keep", "num_logits_to_keep") if name in all_parameter_names), None
+    )
+
+    @wraps(causal_lm_forward)
+    def wrapper(self, *args, **kwargs):
+        kwargs.update(zip(parameter_names, args))
+        segments = split_inputs_at_rope_switch(self.config, kwargs, logits_to_keep_name)
+        if len(segments) == 1:
+            return causal_lm_forward(self, **kwargs)
+
+        return_tuple = kwargs.get("return_dict") is False
+        segment_outputs = []
+        for segment_inputs in segments:
+            if return_tuple:
+                segment_inputs["return_dict"] = True
+            if segment_outputs and isinstance(segment_inputs["past_key_values"], (tuple, list)):
+                # A legacy cache is not updated in place: the second part extends the one the first returned
+                segment_inputs["past_key_values"] = segment_outputs[-1].past_key_values
+            segment_outputs.append(causal_lm_forward(self, **segment_inputs))
+        outputs = _concatenate_outputs(segment_outputs)
+        return outputs.to_tuple() if return_tuple else outputs
+
+    return wrapper
+
+
+def _cache_from_legacy(legacy_cache):
+    """Converts a legacy cache as the model would, carrying its record over to the `DynamicCache`."""
+    cache = DynamicCache.from_legacy_cache(legacy_cache)
+    record = getattr(_first_layer_key_cache(legacy_cache), "_rope_cache_record", None)
+    if record is not None:
+        cache._rope_cache_record = record
+    return cache
+
+
+def _legacy_from_cache(cache):
+    """Converts back to the legacy format the caller passed, carrying the record over to the returned tuple."""
+    legacy_cache = cache.to_legacy_cache()
+    record = getattr(cache, "_rope_cache_record", None)
+    if record is not None and len(legacy_cache) > 0:
+        legacy_cache[0][0]._rope_cache_record = record
+    return legacy_cache
+
+
+def _generation_prefix_positions(attention_mask, position_ids, length: int):
+    """The positions `generate()` gives the first `length` tokens: explicit ones, or those of the attention mask."""
+    if position_ids is not None:
+        return position_ids[..., :length].clone()
+    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        positions = attention_mask[:, :length].long().cumsum(-1) - 1
+        return positions.masked_fill_(attention_mask[:, :length] == 0, 1)
+    return None
+
+
+def remember_generation_inputs(config, past_key_values, input_ids, attention_mask, position_ids) -> bool:
+    """
+    Called by `generate()` before each forward pass, with the whole sequence so far. When the cache was cropped or
+    reordered (assisted decoding, beam search), the record no longer knows what the cache holds, but `generate()` does:
+    the first `cache_length` tokens of `input_ids`. The record learns them again, so a stale cache can be recomputed.
+
+    Returns `True` when the coming forward pass needs other RoPE frequencies than the cache was filled with (judged on
+    the host, erring towards `True`), i.e. when it will recompute the cache and needs the 2D attention mask.
+    """
+    if past_key_values is None or _enforced_stale_cache_policy(config) is None:
+        return False
+    record = RopeCacheRecord.of(past_key_values)
+    cache_length = record.observe(past_key_values, config)
+    if cache_length == 0 or input_ids.shape[1] <= cache_length:
+        # Nothing cached yet, or a generation from embeddings, whose `input_ids` do not hold the prompt
+        return False
+    if not record.inputs_are_known:
+        chunk = _FedChunk(
+            input_ids=input_ids[:, :cache_length].clone(),
+            inputs_embeds=None,
+            position_ids=_generation_prefix_positions(attention_mask, position_ids, cache_length),
+            start=0,
+        )
+        record.restart(record.regime, [chunk])
+        record.remember(past_key_values)
+    return record.regime != rope_frequency_regime(config, input_ids.shape[1]) or record.regime != (
+        rope_frequency_regime(config, cache_length + 1)
+    )
+
+
+def check_rope_cache_in_generation(prepare_inputs_for_generation):
+    """
+    Decorator for `prepare_inputs_for_generation` of models whose decoder uses `check_rope_cache`: keeps the cache's
+    record in step with `generate()` (see `remember_generation_inputs`) and, on a step that recomputes the cache,
+    passes the 2D attention mask rather than a 4D one prepared for the new tokens only.
+    """
+    parameter_names = _positional_parameter_names(prepare_inputs_for_generation)
+
+    @wraps(prepare_inputs_for_generation)
+    def wrapper(self, *args, **kwargs):
+        named = dict(kwargs, **dict(zip(parameter_names, args)))
+        attention_mask = named.get("attention_mask")
+        recomputes = remember_generation_inputs(
+            self.config,
+            named.get("past_key_values"),
+            named["input_ids"],
+            attention_mask,
+            named.get("position_ids"),
+        )
+        model_inputs = prepare_inputs_for_generation(self, *args, **kwargs)
+        if recomputes and model_inputs.get("attention_mask") is not attention_mask:
+            # The prepared mask covers the new tokens only; the recomputation needs the 2D one (or none)
+            model_inputs["attention_mask"] = attention_mask
+        return model_inputs
+
+    return wrapper

@@ -113,7 +113,7 @@ def apply(stale_cache: str | dict[str, str] = "recompute", force: bool = False) 
     from .targets import all_bindings
 
     with _lock:
-        wanted = all_bindings(policy)
+        wanted = all_bindings(policy, upstream_attribute=_upstream_attribute)
         wanted_keys = {(binding.owner, binding.attribute) for binding in wanted}
         for key in list(_patched):
             if key not in wanted_keys:
@@ -172,6 +172,12 @@ def applied(stale_cache: str | dict[str, str] = "recompute", force: bool = False
                 apply(stale_cache=previous_policy, force=True)
             else:
                 revert()
+
+
+def _upstream_attribute(owner: type, attribute: str):
+    """The attribute as upstream defines it, even while it is replaced; `None` if the class only inherits it."""
+    key = (owner, attribute)
+    return _originals[key] if key in _patched else original_attribute(owner, attribute)
 
 
 def _bind(binding: Binding) -> None:

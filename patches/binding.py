@@ -1,7 +1,6 @@
 """Replacing attributes of installed transformers classes, and putting the originals back."""
 
 import inspect
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,28 +30,6 @@ def original_attribute(owner: type, attribute: str):
     return owner.__dict__.get(attribute)
 
 
-def with_super_of(function: types.FunctionType, owner: type) -> types.FunctionType:
-    """
-    Returns `function` with its zero-argument `super()` resolved from `owner`. The override methods are written in
-    classes of their own; bound onto the installed class, `super()` must start from that class instead.
-    """
-    if "__class__" not in function.__code__.co_freevars:
-        return function
-    closure = tuple(
-        types.CellType(owner) if name == "__class__" else cell
-        for name, cell in zip(function.__code__.co_freevars, function.__closure__)
-    )
-    rebound = types.FunctionType(
-        function.__code__, function.__globals__, function.__name__, function.__defaults__, closure
-    )
-    rebound.__kwdefaults__ = function.__kwdefaults__
-    rebound.__dict__.update(function.__dict__)
-    rebound.__qualname__ = f"{owner.__qualname__}.{function.__name__}"
-    rebound.__doc__ = function.__doc__
-    rebound.__module__ = function.__module__
-    return rebound
-
-
 def parameter_names(function) -> list[str]:
     """Parameter names of `function` once its decorators are unwrapped."""
     return list(inspect.signature(inspect.unwrap(function)).parameters)
@@ -68,5 +45,38 @@ def expect_parameters(expected: list[str]) -> Callable[[object], str | None]:
         if found != expected:
             return f"its signature changed: expected parameters {expected}, found {found}"
         return None
+
+    return check
+
+
+def expect_source(*fragments: str, absent: tuple[str, ...] = ()) -> Callable[[object], str | None]:
+    """
+    A `Binding.check` accepting functions whose source (decorators unwrapped) contains every one of `fragments` and
+    none of `absent`: a fingerprint of the upstream code the replacement was written against.
+    """
+
+    def check(original) -> str | None:
+        if original is None:
+            return "the class does not define it"
+        try:
+            source = inspect.getsource(inspect.unwrap(original))
+        except (OSError, TypeError):
+            return "its source code cannot be read, so it cannot be checked"
+        missing = [fragment for fragment in fragments if fragment not in source]
+        if missing:
+            return f"its code changed: it no longer contains {missing}"
+        present = [fragment for fragment in absent if fragment in source]
+        if present:
+            return f"its code changed: it now contains {present}"
+        return None
+
+    return check
+
+
+def all_checks(*checks: Callable[[object], str | None]) -> Callable[[object], str | None]:
+    """A `Binding.check` that passes when every one of `checks` does, and otherwise reports the first failure."""
+
+    def check(original) -> str | None:
+        return next((reason for reason in (check(original) for check in checks) if reason is not None), None)
 
     return check

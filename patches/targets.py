@@ -1,16 +1,58 @@
-"""The attributes of the installed transformers that the patches replace, and what replaces them."""
+"""
+The attributes of the installed transformers that the patches replace, and what replaces them.
+
+Upstream's Phi-3 longrope code took four shapes over the supported releases. The bindings recognise each shape by
+what the installed classes define, and every replaced function is checked (signature and source fingerprint) against
+the one its replacement was written for; a function that differs is refused, not patched blind.
+
+| releases  | factors chosen in                                      | replaced                                    |
+|-----------|--------------------------------------------------------|---------------------------------------------|
+| 4.44-4.47 | `Phi3LongRoPEScaledRotaryEmbedding.forward`, per layer | that `forward`; the causal LM's forward     |
+|           |                                                        | warning (4.45-4.47)                         |
+| 4.48-4.50 | `Phi3RotaryEmbedding._longrope_frequency_update`       | that method and `_dynamic_frequency_update` |
+| 4.51-5.x  | the `dynamic_rope_update` decorator on `forward`       | `forward`, re-decorated                     |
+
+In every release, `Phi3Model.forward` is decorated with `check_rope_cache`, and the causal LM's
+`prepare_inputs_for_generation` with `check_rope_cache_in_generation`; from 4.45 on, that decorates the generic
+implementation instead of Phi-3's own, whose only addition is dropping the cache at the switch.
+"""
 
 import inspect
+from collections.abc import Callable
 
 import torch
 
 from modeling_overrides import modeling_rope_utils
-from modeling_overrides.models.phi3 import modeling_phi3 as phi3_overrides
+from modeling_overrides.rope_cache_utils import (
+    check_rope_cache,
+    check_rope_cache_in_generation,
+    split_at_rope_switch,
+)
 
-from .binding import Binding, expect_parameters, original_attribute, with_super_of
+from .binding import Binding, all_checks, expect_parameters, expect_source, original_attribute
 
 
-PHI3_FORWARD_PARAMETERS = [
+DECODER_FORWARD_LEADING_PARAMETERS = [
+    "self",
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "past_key_values",
+    "inputs_embeds",
+    "use_cache",
+]
+V4_44_PREPARE_INPUTS_PARAMETERS = [
+    "self",
+    "input_ids",
+    "past_key_values",
+    "attention_mask",
+    "inputs_embeds",
+    "cache_position",
+    "position_ids",
+    "use_cache",
+    "kwargs",
+]
+V4_46_CAUSAL_LM_FORWARD_PARAMETERS = [
     "self",
     "input_ids",
     "attention_mask",
@@ -19,27 +61,35 @@ PHI3_FORWARD_PARAMETERS = [
     "inputs_embeds",
     "labels",
     "use_cache",
-    "logits_to_keep",
-    "kwargs",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "cache_position",
+    "num_logits_to_keep",
+    "loss_kwargs",
 ]
-PHI3_PREPARE_INPUTS_PARAMETERS = [
-    "self",
-    "input_ids",
-    "past_key_values",
-    "attention_mask",
-    "inputs_embeds",
-    "position_ids",
-    "use_cache",
-    "logits_to_keep",
-    "kwargs",
-]
+V4_46_SWITCH_WARNING = "you may encounter nonsensical outputs"
+
+UpstreamAttribute = Callable[[type, str], object]
+
+
+def _source(function) -> str:
+    try:
+        return inspect.getsource(inspect.unwrap(function))
+    except (OSError, TypeError):
+        return ""
+
+
+def _inherited_attribute(owner: type, attribute: str):
+    """The attribute `owner` would have without its own definition: what `super()` resolves to."""
+    return next(base.__dict__[attribute] for base in owner.__mro__[1:] if attribute in base.__dict__)
 
 
 def _rotary_forward_check(original) -> str | None:
     if original is None:
         return "the class does not define it"
     if not hasattr(original, "__wrapped__"):
-        return "it is not wrapped by `dynamic_rope_update`, as the release this patch targets has it"
+        return "it is not wrapped by `dynamic_rope_update`, as the releases this patch targets have it"
     found = list(inspect.signature(inspect.unwrap(original)).parameters)
     if found != ["self", "x", "position_ids"]:
         return f"its signature changed: expected parameters ['self', 'x', 'position_ids'], found {found}"
@@ -51,60 +101,162 @@ def _rotary_forward_replacement(original):
     return torch.no_grad()(modeling_rope_utils.dynamic_rope_update(inspect.unwrap(original)))
 
 
-def _generation_accepts_next_sequence_length() -> str | None:
-    from transformers.generation import GenerationMixin
-
-    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-    if "next_sequence_length" not in parameters:
-        return "`GenerationMixin.prepare_inputs_for_generation` does not take `next_sequence_length`"
+def _decoder_forward_check(original) -> str | None:
+    if original is None:
+        return "the class does not define it"
+    found = list(inspect.signature(inspect.unwrap(original)).parameters)
+    if found[: len(DECODER_FORWARD_LEADING_PARAMETERS)] != DECODER_FORWARD_LEADING_PARAMETERS:
+        return (
+            f"its signature changed: expected parameters starting with {DECODER_FORWARD_LEADING_PARAMETERS}, "
+            f"found {found}"
+        )
     return None
 
 
-def _phi3_prepare_inputs_check(original) -> str | None:
-    return expect_parameters(PHI3_PREPARE_INPUTS_PARAMETERS)(original) or _generation_accepts_next_sequence_length()
+def _causal_lm_forward_check(original) -> str | None:
+    if original is None:
+        return "the class does not define it"
+    found = list(inspect.signature(inspect.unwrap(original)).parameters)
+    expected = [*DECODER_FORWARD_LEADING_PARAMETERS[:-1], "labels", "use_cache"]
+    if found[: len(expected)] != expected:
+        return f"its signature changed: expected parameters starting with {expected}, found {found}"
+    return None
 
 
-def phi3_bindings(stale_cache_policy: dict[str, str]) -> list[Binding]:
-    """Bindings for Phi-3: its longrope frequency update, and its causal LM when longrope caches are checked."""
-    from transformers.models.phi3 import modeling_phi3
+def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
+    """The longrope frequency update, in whichever place the installed release makes it."""
+    if hasattr(modeling_phi3, "Phi3LongRoPEScaledRotaryEmbedding"):
+        from modeling_overrides.models.phi3 import modeling_phi3_v4_46
 
-    bindings = [
+        return [
+            Binding(
+                name="Phi3LongRoPEScaledRotaryEmbedding.forward",
+                owner=modeling_phi3.Phi3LongRoPEScaledRotaryEmbedding,
+                attribute="forward",
+                replacement=lambda original: modeling_phi3_v4_46.Phi3LongRoPEScaledRotaryEmbedding.forward,
+                check=all_checks(
+                    expect_parameters(["self", "x", "position_ids", "seq_len"]),
+                    expect_source("torch.max(position_ids) + 1", "self.long_factor", "self.short_factor"),
+                ),
+            )
+        ]
+    rotary_embedding = modeling_phi3.Phi3RotaryEmbedding
+    if "_longrope_frequency_update" in rotary_embedding.__dict__:
+        return [
+            Binding(
+                name=f"Phi3RotaryEmbedding._{update.__name__}",
+                owner=rotary_embedding,
+                attribute=f"_{update.__name__}",
+                replacement=lambda original, update=update: update,
+                check=all_checks(
+                    expect_parameters(["self", "position_ids", "device"]),
+                    expect_source("torch.max(position_ids) + 1"),
+                ),
+            )
+            for update in (modeling_rope_utils.longrope_frequency_update, modeling_rope_utils.dynamic_frequency_update)
+        ]
+    return [
         Binding(
             name="Phi3RotaryEmbedding.forward",
-            owner=modeling_phi3.Phi3RotaryEmbedding,
+            owner=rotary_embedding,
             attribute="forward",
             replacement=_rotary_forward_replacement,
             check=_rotary_forward_check,
         )
     ]
-    # With "ignore", Phi-3 keeps upstream's own handling of the switch (its cache reset in `generate()`)
-    if stale_cache_policy["longrope"] != "ignore":
-        causal_lm = modeling_phi3.Phi3ForCausalLM
-        bindings += [
-            Binding(
-                name="Phi3ForCausalLM.forward",
-                owner=causal_lm,
-                attribute="forward",
-                replacement=lambda original: phi3_overrides.Phi3ForCausalLM.forward,
-                check=expect_parameters(PHI3_FORWARD_PARAMETERS),
-            ),
+
+
+def phi3_cache_bindings(modeling_phi3, upstream_attribute: UpstreamAttribute) -> list[Binding]:
+    """The stale-cache policy in the decoder, in `generate()`, and the removal of upstream's warning at the switch."""
+    causal_lm = modeling_phi3.Phi3ForCausalLM
+    bindings = [
+        Binding(
+            name="Phi3Model.forward",
+            owner=modeling_phi3.Phi3Model,
+            attribute="forward",
+            replacement=check_rope_cache,
+            check=_decoder_forward_check,
+        )
+    ]
+
+    prepare_inputs = upstream_attribute(causal_lm, "prepare_inputs_for_generation")
+    if "original_max_position_embeddings" in _source(prepare_inputs):
+        # 4.45 and later: Phi-3's own version drops the cache at the switch, then calls the generic one
+        bindings.append(
             Binding(
                 name="Phi3ForCausalLM.prepare_inputs_for_generation",
                 owner=causal_lm,
                 attribute="prepare_inputs_for_generation",
-                replacement=lambda original: with_super_of(
-                    phi3_overrides.Phi3ForCausalLM.prepare_inputs_for_generation, causal_lm
+                replacement=lambda original: check_rope_cache_in_generation(
+                    _inherited_attribute(causal_lm, "prepare_inputs_for_generation")
                 ),
-                check=_phi3_prepare_inputs_check,
-            ),
-        ]
+                check=expect_source("past_key_values = None", "super().prepare_inputs_for_generation("),
+            )
+        )
+    else:
+        bindings.append(
+            Binding(
+                name="Phi3ForCausalLM.prepare_inputs_for_generation",
+                owner=causal_lm,
+                attribute="prepare_inputs_for_generation",
+                replacement=check_rope_cache_in_generation,
+                check=all_checks(
+                    expect_parameters(V4_44_PREPARE_INPUTS_PARAMETERS),
+                    expect_source("input_ids[:, cache_position]"),
+                ),
+            )
+        )
+
+    causal_lm_forward = upstream_attribute(causal_lm, "forward")
+    if V4_46_SWITCH_WARNING in _source(causal_lm_forward):
+        # 4.45 to 4.47: the forward pass also warns at the switch, with a device->host synchronisation at every step
+        from modeling_overrides.models.phi3 import modeling_phi3_v4_46
+
+        bindings.append(
+            Binding(
+                name="Phi3ForCausalLM.forward",
+                owner=causal_lm,
+                attribute="forward",
+                replacement=lambda original: split_at_rope_switch(modeling_phi3_v4_46.Phi3ForCausalLM.forward),
+                check=all_checks(
+                    expect_parameters(V4_46_CAUSAL_LM_FORWARD_PARAMETERS),
+                    expect_source(V4_46_SWITCH_WARNING, "self.lm_head(hidden_states[:, -num_logits_to_keep:, :])"),
+                ),
+            )
+        )
+    else:
+        bindings.append(
+            Binding(
+                name="Phi3ForCausalLM.forward",
+                owner=causal_lm,
+                attribute="forward",
+                replacement=split_at_rope_switch,
+                check=_causal_lm_forward_check,
+            )
+        )
     return bindings
 
 
-def all_bindings(stale_cache_policy: dict[str, str]) -> list[Binding]:
-    """Every binding the patches make on the installed transformers, for the given stale-cache policy."""
-    return phi3_bindings(stale_cache_policy)
+def phi3_bindings(stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute) -> list[Binding]:
+    """Bindings for Phi-3: its longrope frequency update, and its cache handling unless longrope caches are ignored."""
+    from transformers.models.phi3 import modeling_phi3
+
+    bindings = phi3_rotary_bindings(modeling_phi3)
+    # With "ignore", Phi-3 keeps upstream's own handling of the switch
+    if stale_cache_policy["longrope"] != "ignore":
+        bindings += phi3_cache_bindings(modeling_phi3, upstream_attribute)
+    return bindings
 
 
-def current_attribute(binding: Binding):
-    return original_attribute(binding.owner, binding.attribute)
+def all_bindings(
+    stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute = original_attribute
+) -> list[Binding]:
+    """
+    Every binding the patches make on the installed transformers, for the given stale-cache policy.
+
+    Args:
+        stale_cache_policy: the policy per RoPE type, as `normalize_stale_cache_policy` returns it.
+        upstream_attribute: returns an attribute as upstream defines it (not as a previous `apply` replaced it), or
+            `None` when the class only inherits it.
+    """
+    return phi3_bindings(stale_cache_policy, upstream_attribute)

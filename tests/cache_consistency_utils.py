@@ -3,9 +3,13 @@ Shared helpers for the cache-consistency tests and the demo: tiny models with a 
 reference every cached decoding path is measured against, a forward pass without cache over the same tokens.
 """
 
-import torch
+import inspect
 
-from transformers import Phi3Config, Phi3ForCausalLM
+import torch
+from packaging.version import Version
+
+import transformers
+from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM, StaticCache
 
 
 SWITCH_POINT = 32
@@ -16,18 +20,44 @@ FP32_TOLERANCE = 1e-4
 differ by ~1e-7 (matrix products of different shapes round differently); a stale cache differs by ~1e-2 or more."""
 
 
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+LOGITS_TO_KEEP_ARGUMENT = next(
+    (
+        name
+        for name in ("logits_to_keep", "num_logits_to_keep")
+        if name in inspect.signature(Phi3ForCausalLM.forward).parameters
+    ),
+    None,
+)
+"""The causal LM's argument for returning only the last logits, by release (4.44 has none)."""
+
+REPORTS_SPECULATIVE_LOGITS_PER_TOKEN = Version("4.45") <= TRANSFORMERS_VERSION
+"""4.44's assisted decoding returns `output_logits` that do not line up with the tokens (seen even without RoPE
+scaling); its generated tokens are still checked against no-cache greedy decoding."""
+
+SUPPORTS_STATIC_CACHE_GENERATION = getattr(Phi3ForCausalLM, "_supports_static_cache", True)
+"""`generate(cache_implementation="static")` and a caller's `StaticCache` in `generate()` exist for Phi-3 from 4.48."""
+
+
+def _rope_config(rope_type: str, switch_point: int, head_dim: int) -> dict:
+    """RoPE settings as each release spells them: `rope_parameters` on 5.x, `rope_scaling` before."""
+    factors = {
+        "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
+        "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
+    }
+    if TRANSFORMERS_VERSION.major >= 5:
+        rope_parameters = {"rope_type": rope_type, "rope_theta": 10000.0}
+        if rope_type == "longrope":
+            rope_parameters.update(factors, original_max_position_embeddings=switch_point)
+        return {"rope_parameters": rope_parameters}
+    rope_scaling = {"type": "longrope", **factors} if rope_type == "longrope" else None
+    return {"rope_scaling": rope_scaling, "rope_theta": 10000.0}
+
+
 def tiny_phi3_config(rope_type: str = "longrope", switch_point: int = SWITCH_POINT, **overrides) -> Phi3Config:
     """A two-layer Phi-3 config whose longrope factors switch after `switch_point` tokens."""
     head_dim = 8
-    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
-    if rope_type == "longrope":
-        rope_parameters = {
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
-            "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
-            "original_max_position_embeddings": switch_point,
-        }
     config = {
         "vocab_size": 97,
         "hidden_size": 32,
@@ -42,7 +72,7 @@ def tiny_phi3_config(rope_type: str = "longrope", switch_point: int = SWITCH_POI
         "pad_token_id": 0,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "rope_parameters": rope_parameters,
+        **_rope_config(rope_type, switch_point, head_dim),
         **overrides,
     }
     return Phi3Config(**config)
@@ -53,6 +83,25 @@ def tiny_phi3_model(rope_type: str = "longrope", seed: int = 0, **overrides) -> 
     torch.manual_seed(seed)
     config = tiny_phi3_config(rope_type, attn_implementation="eager", **overrides)
     return Phi3ForCausalLM(config).eval()
+
+
+def new_cache(kind: str, config, max_cache_len: int = 3 * SWITCH_POINT):
+    """An empty `"dynamic"` or `"static"` cache for a model with `config`, built as the installed release wants it."""
+    if kind == "dynamic":
+        accepts_config = "config" in inspect.signature(DynamicCache.__init__).parameters
+        return DynamicCache(config=config) if accepts_config else DynamicCache()
+    parameters = inspect.signature(StaticCache.__init__).parameters
+    if "max_batch_size" in parameters:
+        device = {"device": "cpu"} if "device" in parameters else {}
+        return StaticCache(config=config, max_batch_size=1, max_cache_len=max_cache_len, dtype=torch.float32, **device)
+    return StaticCache(config=config, max_cache_len=max_cache_len)
+
+
+def cached_keys_and_values(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value tensors a cache holds for one layer (`layers` from 4.56, `key_cache` lists before)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
 
 
 def random_tokens(length: int, batch_size: int = 1, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
@@ -85,6 +134,9 @@ def hand_written_loop_errors(model, input_ids, prompt_length: int, past_key_valu
         chunk = input_ids[:, start : start + chunk_size]
         outputs = model(chunk, past_key_values=cache, use_cache=True)
         assert outputs.logits.shape[1] == chunk.shape[1], "the logits must cover the caller's tokens only"
+        if isinstance(cache, tuple):
+            # A legacy cache (4.44-4.46, created by the model) is not updated in place: a new tuple comes back
+            cache = outputs.past_key_values
         assert outputs.past_key_values is cache, "the caller's cache object must be kept"
         for offset in range(chunk.shape[1]):
             reference = no_cache_logits(model, input_ids[:, : start + offset + 1])

@@ -11,11 +11,28 @@ from patches import versions
 from transformers.models.phi3 import modeling_phi3
 
 
-PATCHED_ATTRIBUTES = [
-    (modeling_phi3.Phi3RotaryEmbedding, "forward"),
+def rotary_attributes() -> list[tuple[type, str]]:
+    """Where each era of upstream chooses the longrope factors (the README's release table)."""
+    version = versions.installed_version()
+    if version < Version("4.48"):
+        return [(modeling_phi3.Phi3LongRoPEScaledRotaryEmbedding, "forward")]
+    if version < Version("4.51"):
+        rotary_embedding = modeling_phi3.Phi3RotaryEmbedding
+        return [(rotary_embedding, "_dynamic_frequency_update"), (rotary_embedding, "_longrope_frequency_update")]
+    return [(modeling_phi3.Phi3RotaryEmbedding, "forward")]
+
+
+ROTARY_ATTRIBUTES = rotary_attributes()
+CACHE_ATTRIBUTES = [
+    (modeling_phi3.Phi3Model, "forward"),
     (modeling_phi3.Phi3ForCausalLM, "forward"),
     (modeling_phi3.Phi3ForCausalLM, "prepare_inputs_for_generation"),
 ]
+PATCHED_ATTRIBUTES = ROTARY_ATTRIBUTES + CACHE_ATTRIBUTES
+
+
+def binding_name(owner: type, attribute: str) -> str:
+    return f"{owner.__name__}.{attribute}"
 
 
 def snapshot():
@@ -76,15 +93,17 @@ class PatchesApiTest(unittest.TestCase):
         status = patches.apply(stale_cache="warn")
         self.assertTrue(status.applied)
         self.assertEqual(status.stale_cache, {"longrope": "warn"})
-        self.assertIn("Phi3ForCausalLM.forward", status.patched)
+        self.assertEqual(status.patched, sorted(binding_name(*key) for key in PATCHED_ATTRIBUTES))
+        self.assertEqual(status.refused, {})
         self.assertEqual(status.transformers_version, str(versions.installed_version()))
         self.assertIn("stale_cache: {'longrope': 'warn'}", str(status))
 
     def test_changing_policy_to_ignore_unbinds_the_causal_lm(self):
         patches.apply()
         status = patches.apply(stale_cache="ignore")
-        self.assertEqual(status.patched, ["Phi3RotaryEmbedding.forward"])
-        self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], self.originals[PATCHED_ATTRIBUTES[1]])
+        self.assertEqual(status.patched, sorted(binding_name(*key) for key in ROTARY_ATTRIBUTES))
+        for key in CACHE_ATTRIBUTES:
+            self.assertIs(snapshot()[key], self.originals[key], key)
 
     def test_applied_context_restores_the_previous_state(self):
         with patches.applied(stale_cache="raise") as status:
@@ -124,6 +143,25 @@ class PatchesApiTest(unittest.TestCase):
             self.assertNotIn("Phi3ForCausalLM.forward", status.patched)
             patches.revert()
             self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], forward)
+
+    def test_a_function_whose_code_changed_is_refused_by_its_fingerprint(self):
+        # Same signature as upstream's, other code: only the source fingerprint tells them apart
+        def changed_rotary_forward(self, x, position_ids, seq_len=None):
+            return None
+
+        def changed_frequency_update(self, position_ids, device):
+            return None
+
+        owner, attribute = ROTARY_ATTRIBUTES[-1]
+        changed = {"forward": changed_rotary_forward, "_longrope_frequency_update": changed_frequency_update}
+        if versions.installed_version() >= Version("4.51"):
+            self.skipTest("from 4.51 the rotary `forward` is recognised by its `dynamic_rope_update` decorator")
+        with mock.patch.object(owner, attribute, changed[attribute]):
+            status = patches.apply()
+            self.assertIs(owner.__dict__[attribute], changed[attribute])
+            self.assertIn("its code changed", status.refused[binding_name(owner, attribute)])
+            self.assertNotIn(binding_name(owner, attribute), status.patched)
+            patches.revert()
 
     def test_import_patches_auto_applies_defaults(self):
         import importlib
