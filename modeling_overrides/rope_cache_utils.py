@@ -199,6 +199,9 @@ class RopeCacheRecord:
         self.regime: str | None = None
         self.chunks: list[_FedChunk] | None = []
         self.warned = False
+        # Set by `generate()` when it feeds the whole sequence again: only the logits of this many tokens at the end
+        # are its own (releases before 4.45 have no `logits_to_keep` to say so)
+        self.refed_new_length: int | None = None
         self._key_state = None
         self._counter_state = None
 
@@ -413,7 +416,11 @@ class RopeCacheUpdate:
             chunk = _fed_chunk(self.model_inputs, start=0)
             regime = _needed_regime(self._config, RopeCacheRecord(), 0, chunk.length, chunk.position_ids)
             self._chunks, self._regime, restart = [chunk], regime, True
+        if isinstance(past_key_values, (tuple, list)) and self._record is not None:
+            # A legacy cache comes back as a new tuple: the record moves on to it
+            _first_layer_key_cache(past_key_values)._rope_cache_record = self._record
         record = RopeCacheRecord.of(past_key_values)
+        record.refed_new_length = None
         if record is not self._record or restart:
             record.restart(self._regime, list(self._chunks))
         else:
@@ -531,7 +538,11 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
             cache_length + new_length, device=model_inputs["cache_position"].device
         )
 
-    _reset_cache(past_key_values)
+    if isinstance(past_key_values, (tuple, list)):
+        # A legacy cache cannot be emptied in place; the model starts a new one, returned to the caller as usual
+        model_inputs["past_key_values"] = None
+    else:
+        _reset_cache(past_key_values)
     return RopeCacheUpdate(model_inputs, config, record, [*record.chunks, chunk], regime, prefix_length=cache_length)
 
 
@@ -569,9 +580,12 @@ def split_inputs_at_rope_switch(config, model_inputs: dict, logits_to_keep_name:
         return [model_inputs]
     new_length = _sequence_inputs(model_inputs).shape[1]
     kept_length = new_length if logits_to_keep == 0 else min(logits_to_keep, new_length)
+    record = RopeCacheRecord.of(past_key_values)
+    if record.refed_new_length is not None:
+        kept_length, record.refed_new_length = min(kept_length, record.refed_new_length), None
     if kept_length < 2:
         return [model_inputs]
-    cache_length = RopeCacheRecord.of(past_key_values).observe(past_key_values, config)
+    cache_length = record.observe(past_key_values, config)
     # Host-side bounds on the sequence lengths of the first kept token and of the last token
     first_kept_regime = rope_frequency_regime(config, cache_length + new_length - kept_length + 1)
     if first_kept_regime == rope_frequency_regime(config, cache_length + new_length):
@@ -647,7 +661,8 @@ def check_rope_cache(model_forward):
     those of the caller's tokens only, so that heads and callers see exactly what they would see without cache.
 
     Models whose RoPE does not depend on the sequence length, and traced calls, go straight to `model_forward`.
-    Legacy caches (tuples of per-layer `(key, value)` tuples) are accepted and returned as such.
+    Legacy caches (tuples of per-layer `(key, value)` tuples), where the release accepts them, are followed from one
+    returned tuple to the next.
     """
     parameter_names = _positional_parameter_names(model_forward)
 
@@ -657,11 +672,6 @@ def check_rope_cache(model_forward):
         if _enforced_stale_cache_policy(self.config) is None or kwargs.get("use_cache") is False:
             return model_forward(self, **kwargs)
 
-        legacy_cache = kwargs.get("past_key_values")
-        if isinstance(legacy_cache, (tuple, list)):
-            kwargs["past_key_values"] = _cache_from_legacy(legacy_cache)
-        else:
-            legacy_cache = None
         return_tuple = kwargs.get("return_dict") is False
         if return_tuple:
             kwargs["return_dict"] = True
@@ -672,9 +682,6 @@ def check_rope_cache(model_forward):
         outputs = model_forward(self, **rope_cache_update.model_inputs)
         rope_cache_update.commit(outputs.past_key_values)
         outputs = rope_cache_update.caller_outputs(outputs)
-
-        if legacy_cache is not None and outputs.past_key_values is not None:
-            outputs.past_key_values = _legacy_from_cache(outputs.past_key_values)
         return outputs.to_tuple() if return_tuple else outputs
 
     return wrapper
@@ -714,24 +721,6 @@ def split_at_rope_switch(causal_lm_forward):
     return wrapper
 
 
-def _cache_from_legacy(legacy_cache):
-    """Converts a legacy cache as the model would, carrying its record over to the `DynamicCache`."""
-    cache = DynamicCache.from_legacy_cache(legacy_cache)
-    record = getattr(_first_layer_key_cache(legacy_cache), "_rope_cache_record", None)
-    if record is not None:
-        cache._rope_cache_record = record
-    return cache
-
-
-def _legacy_from_cache(cache):
-    """Converts back to the legacy format the caller passed, carrying the record over to the returned tuple."""
-    legacy_cache = cache.to_legacy_cache()
-    record = getattr(cache, "_rope_cache_record", None)
-    if record is not None and len(legacy_cache) > 0:
-        legacy_cache[0][0]._rope_cache_record = record
-    return legacy_cache
-
-
 def _generation_prefix_positions(attention_mask, position_ids, length: int):
     """The positions `generate()` gives the first `length` tokens: explicit ones, or those of the attention mask."""
     if position_ids is not None:
@@ -742,59 +731,98 @@ def _generation_prefix_positions(attention_mask, position_ids, length: int):
     return None
 
 
-def remember_generation_inputs(config, past_key_values, input_ids, attention_mask, position_ids) -> bool:
+def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attention_mask, position_ids) -> bool:
     """
-    Called by `generate()` before each forward pass, with the whole sequence so far. When the cache was cropped or
-    reordered (assisted decoding, beam search), the record no longer knows what the cache holds, but `generate()` does:
-    the first `cache_length` tokens of `input_ids`. The record learns them again, so a stale cache can be recomputed.
+    Called by `generate()` before each forward pass, with the whole sequence so far, in eager mode (also when the
+    forward pass itself is compiled).
 
-    Returns `True` when the coming forward pass needs other RoPE frequencies than the cache was filled with (judged on
-    the host, erring towards `True`), i.e. when it will recompute the cache and needs the 2D attention mask.
+    When the cache was cropped or reordered (assisted decoding, beam search), the record no longer knows what the
+    cache holds, but `generate()` does: the first `cache_length` tokens of `input_ids`. The record learns them again.
+
+    Returns `True` when the coming forward pass needs other RoPE frequencies than the cache holds and the policy is
+    `"recompute"`: the cache has then been reset in place, and the caller feeds the whole sequence through it.
     """
-    if past_key_values is None or _enforced_stale_cache_policy(config) is None:
+    policy = _enforced_stale_cache_policy(config)
+    if past_key_values is None or policy is None:
         return False
     record = RopeCacheRecord.of(past_key_values)
     cache_length = record.observe(past_key_values, config)
     if cache_length == 0 or input_ids.shape[1] <= cache_length:
         # Nothing cached yet, or a generation from embeddings, whose `input_ids` do not hold the prompt
         return False
+    positions = _generation_positions(attention_mask, position_ids, input_ids.shape[1])
     if not record.inputs_are_known:
-        chunk = _FedChunk(
-            input_ids=input_ids[:, :cache_length].clone(),
-            inputs_embeds=None,
-            position_ids=_generation_prefix_positions(attention_mask, position_ids, cache_length),
-            start=0,
-        )
-        record.restart(record.regime, [chunk])
+        prefix_positions = positions[..., :cache_length].clone() if positions is not None else None
+        record.restart(record.regime, [_FedChunk(input_ids[:, :cache_length].clone(), None, prefix_positions, 0)])
         record.remember(past_key_values)
-    return record.regime != rope_frequency_regime(config, input_ids.shape[1]) or record.regime != (
-        rope_frequency_regime(config, cache_length + 1)
-    )
+
+    # The first and the last new token may need different regimes (a verification chunk across the switch)
+    new_length = input_ids.shape[1] - cache_length
+    new_positions = positions[..., cache_length:] if positions is not None else None
+    first_positions = new_positions[..., :1] if new_positions is not None else None
+    first_regime = _needed_regime(config, record, cache_length, 1, first_positions)
+    last_regime = _needed_regime(config, record, cache_length, new_length, new_positions)
+    if policy != "recompute" or record.regime == first_regime == last_regime:
+        # `forward` applies the other policies
+        return False
+    _reset_cache(past_key_values)
+    record.restart(regime=None, chunks=[])
+    record.refed_new_length = new_length
+    record.remember(past_key_values)
+    return True
+
+
+def _generation_positions(attention_mask, position_ids, length: int):
+    """The positions `generate()` gives the first `length` tokens: explicit ones, or those of the attention mask."""
+    if position_ids is not None and position_ids.shape[-1] >= length:
+        return position_ids[..., :length]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        positions = attention_mask[:, :length].long().cumsum(-1) - 1
+        return positions.masked_fill_(attention_mask[:, :length] == 0, 1)
+    return None
+
+
+def _whole_sequence_inputs(model_inputs: dict, input_ids, attention_mask, position_ids) -> dict:
+    """
+    Turns the inputs `prepare_inputs_for_generation` made for the new tokens into inputs for the whole sequence, fed
+    through the emptied cache. `logits_to_keep` counts from the end, so it still selects the new tokens' logits.
+    """
+    model_inputs = dict(model_inputs)
+    length = input_ids.shape[1]
+    model_inputs["input_ids"] = input_ids
+    model_inputs["attention_mask"] = attention_mask
+    if model_inputs.get("position_ids") is not None:
+        positions = _generation_positions(attention_mask, position_ids, length)
+        model_inputs["position_ids"] = positions if positions is not None else torch.arange(length)[None]
+    if model_inputs.get("cache_position") is not None:
+        model_inputs["cache_position"] = torch.arange(length, device=input_ids.device)
+    return model_inputs
 
 
 def check_rope_cache_in_generation(prepare_inputs_for_generation):
     """
-    Decorator for `prepare_inputs_for_generation` of models whose decoder uses `check_rope_cache`: keeps the cache's
-    record in step with `generate()` (see `remember_generation_inputs`) and, on a step that recomputes the cache,
-    passes the 2D attention mask rather than a 4D one prepared for the new tokens only.
+    Decorator for `prepare_inputs_for_generation` of models whose decoder uses `check_rope_cache`. On a step where
+    the cache holds other RoPE frequencies than the coming forward pass needs, it resets the cache in place and feeds
+    the whole sequence (like upstream's drop of the cache, but in the caller's cache object and on every path: beam
+    search, assisted decoding, static caches, the reverse switch after a crop). This happens here, in eager mode, so
+    that a compiled forward pass never has to. See `prepare_rope_cache_for_generation`.
     """
     parameter_names = _positional_parameter_names(prepare_inputs_for_generation)
 
     @wraps(prepare_inputs_for_generation)
     def wrapper(self, *args, **kwargs):
         named = dict(kwargs, **dict(zip(parameter_names, args)))
-        attention_mask = named.get("attention_mask")
-        recomputes = remember_generation_inputs(
-            self.config,
-            named.get("past_key_values"),
+        input_ids, attention_mask, position_ids = (
             named["input_ids"],
-            attention_mask,
+            named.get("attention_mask"),
             named.get("position_ids"),
         )
+        refeed = named.get("inputs_embeds") is None and prepare_rope_cache_for_generation(
+            self.config, named.get("past_key_values"), input_ids, attention_mask, position_ids
+        )
         model_inputs = prepare_inputs_for_generation(self, *args, **kwargs)
-        if recomputes and model_inputs.get("attention_mask") is not attention_mask:
-            # The prepared mask covers the new tokens only; the recomputation needs the 2D one (or none)
-            model_inputs["attention_mask"] = attention_mask
+        if refeed:
+            model_inputs = _whole_sequence_inputs(model_inputs, input_ids, attention_mask, position_ids)
         return model_inputs
 
     return wrapper

@@ -59,7 +59,7 @@ def release_environment(matrix_dir: Path, release: str, torch_dir: Path) -> Path
             text=True,
         ).stdout.strip()
         # Shares the one torch installation; the release's own packages, installed below, come first on sys.path
-        Path(site_packages, "shared-torch.pth").write_text(f"{torch_dir}\n")
+        Path(site_packages, "shared-torch.pth").write_text(f"{torch_dir}\n", encoding="utf-8")
         run([str(python), "-m", "pip", "install", "--quiet", f"transformers=={release}", *TEST_TOOLS])
         marker.touch()
     return python

@@ -36,6 +36,9 @@ REPORTS_SPECULATIVE_LOGITS_PER_TOKEN = Version("4.45") <= TRANSFORMERS_VERSION
 """4.44's assisted decoding returns `output_logits` that do not line up with the tokens (seen even without RoPE
 scaling); its generated tokens are still checked against no-cache greedy decoding."""
 
+ACCEPTS_LEGACY_CACHE = Version("4.47.99") > TRANSFORMERS_VERSION
+"""Up to 4.47, Phi-3 takes legacy caches (tuples of per-layer `(key, value)` tuples) and returns them as tuples."""
+
 SUPPORTS_STATIC_CACHE_GENERATION = getattr(Phi3ForCausalLM, "_supports_static_cache", True)
 """`generate(cache_implementation="static")` and a caller's `StaticCache` in `generate()` exist for Phi-3 from 4.48."""
 

@@ -15,15 +15,20 @@
 
 import inspect
 import unittest
+import warnings
+from unittest import mock
 
 import torch
 from parameterized import parameterized
 
 import patches
+from modeling_overrides import rope_cache_utils
 from transformers import StaticCache
-from transformers.testing_utils import require_torch
+from transformers.testing_utils import CaptureLogger, require_torch
+from transformers.utils import logging
 
 from ...cache_consistency_utils import (
+    ACCEPTS_LEGACY_CACHE,
     FP32_TOLERANCE,
     LOGITS_TO_KEEP_ARGUMENT,
     REPORTS_SPECULATIVE_LOGITS_PER_TOKEN,
@@ -319,6 +324,100 @@ class Phi3StaleCachePolicyTest(unittest.TestCase):
     def test_unknown_rope_type_in_policy_is_a_value_error(self):
         with self.assertRaisesRegex(ValueError, "longrope"):
             patches.apply(stale_cache={"yarn": "recompute"})
+
+
+@require_torch
+class Phi3ReleaseCompositionTest(unittest.TestCase):
+    """How the patch composes with what each release already does at the switch."""
+
+    def setUp(self):
+        self.model = tiny_phi3_model()
+        self.input_ids = random_tokens(SWITCH_POINT + 4)
+
+    def test_generate_recomputes_exactly_once_in_the_callers_cache(self):
+        # From 4.45 upstream drops the cache at the switch itself; with the patch, only the patch recomputes, once,
+        # in the cache object the caller passed.
+        cache = new_cache("dynamic", self.model.config)
+        with (
+            patches.applied(),
+            mock.patch.object(rope_cache_utils, "_reset_cache", wraps=rope_cache_utils._reset_cache) as reset,
+        ):
+            with torch.no_grad():
+                outputs = self.model.generate(
+                    random_tokens(SWITCH_POINT - 3),
+                    past_key_values=cache,
+                    max_new_tokens=8,
+                    do_sample=False,
+                    pad_token_id=0,
+                    return_dict_in_generate=True,
+                )
+        self.assertEqual(reset.call_count, 1)
+        self.assertIs(outputs.past_key_values, cache)
+
+    @parameterized.expand([("recompute",), ("warn",)])
+    def test_no_upstream_warning_at_the_switch(self, policy):
+        # 4.45-4.47 warn at the switch from the causal LM's forward pass (reading the device at every step); the
+        # patch replaces that warning by its policy, so there is at most one warning, the patch's.
+        prompt_length = SWITCH_POINT - 2
+        logger = logging.get_logger("transformers.models.phi3.modeling_phi3")
+        with (
+            patches.applied(stale_cache=policy),
+            CaptureLogger(logger) as captured,
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always", patches.StaleRopeCacheWarning)
+            cache = new_cache("dynamic", self.model.config)
+            cache_position = torch.arange(prompt_length)
+            with torch.no_grad():
+                self.model(
+                    self.input_ids[:, :prompt_length], past_key_values=cache, **self._cache_position(cache_position)
+                )
+                for position in range(prompt_length, self.input_ids.shape[1]):
+                    self.model(
+                        self.input_ids[:, position : position + 1],
+                        past_key_values=cache,
+                        **self._cache_position(torch.tensor([position])),
+                    )
+        self.assertNotIn("KV cache needs to be recomputed", captured.out)
+        stale_warnings = [warning for warning in caught if issubclass(warning.category, patches.StaleRopeCacheWarning)]
+        self.assertEqual(len(stale_warnings), 1 if policy == "warn" else 0)
+
+    def _cache_position(self, cache_position):
+        # The upstream warning reads `cache_position` when `use_cache` is set, as `generate()` passes them
+        if "cache_position" in inspect.signature(self.model.forward).parameters:
+            return {"cache_position": cache_position, "use_cache": True}
+        return {"use_cache": True}
+
+    @parameterized.expand([("recompute",), ("warn",), ("raise",), ("ignore",)])
+    @unittest.skipUnless(ACCEPTS_LEGACY_CACHE, "this release's Phi-3 takes no legacy tuple caches")
+    def test_legacy_tuple_cache_in_a_hand_written_loop(self, policy):
+        prompt_length = SWITCH_POINT - 2
+        errors, raised = [], False
+        with patches.applied(stale_cache=policy), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", patches.StaleRopeCacheWarning)
+            with torch.no_grad():
+                cache = self.model(self.input_ids[:, :prompt_length], use_cache=True).past_key_values
+                self.assertIsInstance(cache, tuple)
+                try:
+                    for position in range(prompt_length, self.input_ids.shape[1]):
+                        outputs = self.model(self.input_ids[:, position : position + 1], past_key_values=cache)
+                        self.assertIsInstance(outputs.past_key_values, tuple)
+                        cache = outputs.past_key_values
+                        reference = no_cache_logits(self.model, self.input_ids[:, : position + 1])
+                        errors.append((outputs.logits[:, -1] - reference).abs().max().item())
+                except patches.StaleRopeCacheError:
+                    raised = True
+        stale_warnings = [warning for warning in caught if issubclass(warning.category, patches.StaleRopeCacheWarning)]
+        steps_before_switch = SWITCH_POINT - prompt_length
+        self.assertLessEqual(max(errors[:steps_before_switch]), FP32_TOLERANCE)
+        if policy == "recompute":
+            self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
+        elif policy == "raise":
+            self.assertTrue(raised)
+            self.assertEqual(len(errors), steps_before_switch)
+        else:
+            self.assertGreater(max(errors), 100 * FP32_TOLERANCE)
+        self.assertEqual(len(stale_warnings), 1 if policy == "warn" else 0)
 
 
 @require_torch
