@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 TRANSFORMERS_VERSION ?= 5.23.0
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test test-slow style quality
+.PHONY: install demo test test-matrix test-slow style quality
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests -q
+
+# The suite on every supported transformers era, each in its own environment under .matrix/ (torch shared).
+test-matrix: install
+	$(PY) scripts/test_matrix.py --torch-version $(TORCH_VERSION)
 
 # Real sizes, GPUs and local checkpoints (tests marked @slow).
 test-slow: install
