@@ -721,16 +721,6 @@ def split_at_rope_switch(causal_lm_forward):
     return wrapper
 
 
-def _generation_prefix_positions(attention_mask, position_ids, length: int):
-    """The positions `generate()` gives the first `length` tokens: explicit ones, or those of the attention mask."""
-    if position_ids is not None:
-        return position_ids[..., :length].clone()
-    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        positions = attention_mask[:, :length].long().cumsum(-1) - 1
-        return positions.masked_fill_(attention_mask[:, :length] == 0, 1)
-    return None
-
-
 def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attention_mask, position_ids) -> bool:
     """
     Called by `generate()` before each forward pass, with the whole sequence so far, in eager mode (also when the
