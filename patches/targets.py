@@ -52,15 +52,9 @@ V4_44_PREPARE_INPUTS_PARAMETERS = [
     "use_cache",
     "kwargs",
 ]
+CAUSAL_LM_FORWARD_LEADING_PARAMETERS = [*DECODER_FORWARD_LEADING_PARAMETERS[:-1], "labels", "use_cache"]
 V4_46_CAUSAL_LM_FORWARD_PARAMETERS = [
-    "self",
-    "input_ids",
-    "attention_mask",
-    "position_ids",
-    "past_key_values",
-    "inputs_embeds",
-    "labels",
-    "use_cache",
+    *CAUSAL_LM_FORWARD_LEADING_PARAMETERS,
     "output_attentions",
     "output_hidden_states",
     "return_dict",
@@ -117,7 +111,7 @@ def _causal_lm_forward_check(original) -> str | None:
     if original is None:
         return "the class does not define it"
     found = list(inspect.signature(inspect.unwrap(original)).parameters)
-    expected = [*DECODER_FORWARD_LEADING_PARAMETERS[:-1], "labels", "use_cache"]
+    expected = CAUSAL_LM_FORWARD_LEADING_PARAMETERS
     if found[: len(expected)] != expected:
         return f"its signature changed: expected parameters starting with {expected}, found {found}"
     return None
