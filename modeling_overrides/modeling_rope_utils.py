@@ -67,22 +67,24 @@ def longrope_frequency_update(self, position_ids, device, layer_type=None):
         else int(self.config.rope_parameters[layer_type]["original_max_position_embeddings"])
     )
 
-    long_inv_freq = getattr(self, f"{prefix}long_inv_freq", None)
-    if long_inv_freq is None:
-        rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
-        init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
-        long_inv_freq, _ = rope_init_fn(self.config, device, seq_len=switch_point + 1, **init_kwargs)
-    # `long_inv_freq` is a plain attribute, which `model.to(...)` does not move
-    long_inv_freq = long_inv_freq.to(device)
-    setattr(self, f"{prefix}long_inv_freq", long_inv_freq)
-    original_inv_freq = getattr(self, f"{prefix}original_inv_freq")
-    if original_inv_freq.device != device:
-        # A plain attribute in some releases, which `model.to(...)` does not move either
-        original_inv_freq = original_inv_freq.to(device)
-        setattr(self, f"{prefix}original_inv_freq", original_inv_freq)
+    # Both sets are computed once, for a short and for a long sequence: the initial `inv_freq` is the long set in
+    # releases before 4.48 when `max_position_embeddings` exceeds the switch point
+    factor_sets = []
+    for name, sequence_length in (("short_inv_freq", 1), ("long_inv_freq", switch_point + 1)):
+        factor_set = getattr(self, f"{prefix}{name}", None)
+        if factor_set is None:
+            rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+            init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
+            factor_set, _ = rope_init_fn(self.config, device, seq_len=sequence_length, **init_kwargs)
+        if factor_set.device != device:
+            # A plain attribute, which `model.to(...)` does not move
+            factor_set = factor_set.to(device)
+        setattr(self, f"{prefix}{name}", factor_set)
+        factor_sets.append(factor_set)
+    short_inv_freq, long_inv_freq = factor_sets
 
     inv_freq = getattr(self, f"{prefix}inv_freq")
-    if inv_freq is original_inv_freq or inv_freq is long_inv_freq:
+    if inv_freq is getattr(self, f"{prefix}original_inv_freq", None) or inv_freq is long_inv_freq:
         # Some releases start with `inv_freq` and `original_inv_freq` as one tensor (and older updates may have made
         # it `long_inv_freq`): give `inv_freq` storage of its own once, so that the copy below overwrites neither
         inv_freq = inv_freq.clone()
@@ -90,7 +92,7 @@ def longrope_frequency_update(self, position_ids, device, layer_type=None):
 
     # The sequence length is a 0-d tensor on the device: `torch.where` picks the set without reading it on the host
     sequence_length = torch.max(position_ids) + 1
-    inv_freq.copy_(torch.where(sequence_length > switch_point, long_inv_freq, original_inv_freq))
+    inv_freq.copy_(torch.where(sequence_length > switch_point, long_inv_freq, short_inv_freq))
 
 
 def dynamic_frequency_update(self, position_ids, device, layer_type=None):

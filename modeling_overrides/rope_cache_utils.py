@@ -49,10 +49,20 @@ STALE_CACHE_POLICIES = ("recompute", "warn", "raise", "ignore")
 - `"ignore"`: keep the stale cache silently.
 """
 
-SEQUENCE_DEPENDENT_ROPE_TYPES = ("longrope",)
+SEQUENCE_DEPENDENT_ROPE_TYPES = ("longrope", "dynamic")
 """RoPE types whose frequencies depend on the sequence length, and whose caches are therefore tracked."""
 
-_stale_cache_policies = dict.fromkeys(SEQUENCE_DEPENDENT_ROPE_TYPES, "recompute")
+DEFAULT_STALE_CACHE_POLICIES = {"longrope": "recompute", "dynamic": "warn"}
+"""The policy of each RoPE type unless the caller chooses another:
+
+- `longrope` switches once, at `original_max_position_embeddings`: recomputing the prefix then costs one prefill per
+  generation, and without it the outputs are far off (the model never saw a mixed cache). Exactness is cheap.
+- `dynamic` (NTK) changes its frequencies at every step past `max_position_embeddings`: exactness means a prefill of
+  the whole sequence at every generated token, a quadratic cost, while the error of the stale cache is small (the
+  frequencies move a little each step). The cache is kept, with a warning naming the remedy.
+"""
+
+_stale_cache_policies = dict(DEFAULT_STALE_CACHE_POLICIES)
 
 
 class StaleRopeCacheError(RuntimeError):
@@ -63,15 +73,17 @@ class StaleRopeCacheWarning(UserWarning):
     """A KV cache computed with one set of RoPE frequencies is being used with another."""
 
 
-def normalize_stale_cache_policy(policy: str | dict[str, str]) -> dict[str, str]:
+def normalize_stale_cache_policy(policy: str | dict[str, str] | None) -> dict[str, str]:
     """
     Validates a stale-cache policy and returns it as a mapping from RoPE type to policy.
 
     Args:
-        policy (`str` or `dict[str, str]`):
-            One of `STALE_CACHE_POLICIES` for every RoPE type, or a mapping from RoPE type to policy. RoPE types left
-            out of the mapping keep the default, `"recompute"`.
+        policy (`str`, `dict[str, str]` or `None`):
+            `None` for the defaults, one of `STALE_CACHE_POLICIES` for every RoPE type, or a mapping from RoPE type to policy. RoPE types left
+            out of the mapping keep their default (`DEFAULT_STALE_CACHE_POLICIES`).
     """
+    if policy is None:
+        policy = {}
     if isinstance(policy, str):
         policy = dict.fromkeys(SEQUENCE_DEPENDENT_ROPE_TYPES, policy)
     if not isinstance(policy, dict):
@@ -91,7 +103,7 @@ def normalize_stale_cache_policy(policy: str | dict[str, str]) -> dict[str, str]
                 f"Unknown stale-cache policy {value!r} for RoPE type {rope_type!r}; accepted policies are "
                 f"{STALE_CACHE_POLICIES}."
             )
-    return dict(dict.fromkeys(SEQUENCE_DEPENDENT_ROPE_TYPES, "recompute"), **policy)
+    return dict(DEFAULT_STALE_CACHE_POLICIES, **policy)
 
 
 def set_stale_cache_policy(policy: str | dict[str, str]) -> None:
@@ -123,8 +135,14 @@ def rope_frequency_regime(config, sequence_length: int) -> str | None:
     returns `None` when its frequencies do not depend on the sequence length. Two forward passes with different
     regimes rotate the same position differently, so a cache filled in one regime is stale in the other.
     """
-    if get_rope_type(config) == "longrope":
+    rope_type = get_rope_type(config)
+    if rope_type == "longrope":
         return "long" if longrope_uses_long_factors(config, sequence_length) else "short"
+    if rope_type == "dynamic":
+        # Dynamic NTK scales its base for the sequence length beyond `max_position_embeddings`, at every length
+        if sequence_length <= config.max_position_embeddings:
+            return "original"
+        return f"scaled for {sequence_length} tokens"
     return None
 
 

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 
 from modeling_overrides.rope_cache_utils import (
+    DEFAULT_STALE_CACHE_POLICIES,
     STALE_CACHE_POLICIES,
     StaleRopeCacheError,
     StaleRopeCacheWarning,
@@ -28,6 +29,7 @@ from .binding import Binding, original_attribute
 
 
 __all__ = [
+    "DEFAULT_STALE_CACHE_POLICIES",
     "STALE_CACHE_POLICIES",
     "PatchStatus",
     "StaleRopeCacheError",
@@ -73,11 +75,11 @@ _lock = threading.RLock()
 _originals: dict[tuple[type, str], object] = {}
 _patched: dict[tuple[type, str], str] = {}
 _refused: dict[str, str] = {}
-_policy: dict[str, str] = normalize_stale_cache_policy("recompute")
+_policy: dict[str, str] = normalize_stale_cache_policy(None)
 _applied = False
 
 
-def apply(stale_cache: str | dict[str, str] = "recompute", force: bool = False) -> PatchStatus:
+def apply(stale_cache: str | dict[str, str] | None = None, force: bool = False) -> PatchStatus:
     """
     Patches the installed transformers so that decoding with a KV cache matches decoding without one.
 
@@ -85,10 +87,11 @@ def apply(stale_cache: str | dict[str, str] = "recompute", force: bool = False) 
     or after the call are patched alike: the patches replace methods of their classes.
 
     Args:
-        stale_cache (`str` or `dict[str, str]`, defaults to `"recompute"`):
+        stale_cache (`str`, `dict[str, str]` or `None`, defaults to `None`):
             What to do when a cache was computed with RoPE frequencies that no longer apply: one of
-            `STALE_CACHE_POLICIES` (`"recompute"`, `"warn"`, `"raise"`, `"ignore"`), or a dict from RoPE type
-            (e.g. `"longrope"`) to one of them.
+            `STALE_CACHE_POLICIES` for every RoPE type, or a dict from RoPE type (`"longrope"`, `"dynamic"`) to one
+            of them. Types left out, and `None`, get `DEFAULT_STALE_CACHE_POLICIES`: `"recompute"` for longrope,
+            `"warn"` for dynamic NTK.
         force (`bool`, defaults to `False`):
             Patch a transformers release outside the supported range. Each replaced function is still checked
             against the one the patch was written for, and left alone if it differs.
@@ -134,7 +137,7 @@ def revert() -> PatchStatus:
         for key in list(_patched):
             _restore(key)
         _refused.clear()
-        _policy = normalize_stale_cache_policy("recompute")
+        _policy = normalize_stale_cache_policy(None)
         set_stale_cache_policy(_policy)
         _applied = False
         return status()
@@ -156,7 +159,7 @@ def status() -> PatchStatus:
 
 
 @contextlib.contextmanager
-def applied(stale_cache: str | dict[str, str] = "recompute", force: bool = False):
+def applied(stale_cache: str | dict[str, str] | None = None, force: bool = False):
     """
     Context manager: applies the patches on entry and, on exit, returns to the state before it (reverted, or
     applied with the previous policy).

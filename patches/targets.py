@@ -52,9 +52,10 @@ V4_44_PREPARE_INPUTS_PARAMETERS = [
     "use_cache",
     "kwargs",
 ]
-CAUSAL_LM_FORWARD_LEADING_PARAMETERS = [*DECODER_FORWARD_LEADING_PARAMETERS[:-1], "labels", "use_cache"]
 V4_46_CAUSAL_LM_FORWARD_PARAMETERS = [
-    *CAUSAL_LM_FORWARD_LEADING_PARAMETERS,
+    *DECODER_FORWARD_LEADING_PARAMETERS[:-1],
+    "labels",
+    "use_cache",
     "output_attentions",
     "output_hidden_states",
     "return_dict",
@@ -95,26 +96,25 @@ def _rotary_forward_replacement(original):
     return torch.no_grad()(modeling_rope_utils.dynamic_rope_update(inspect.unwrap(original)))
 
 
-def _decoder_forward_check(original) -> str | None:
-    if original is None:
-        return "the class does not define it"
-    found = list(inspect.signature(inspect.unwrap(original)).parameters)
-    if found[: len(DECODER_FORWARD_LEADING_PARAMETERS)] != DECODER_FORWARD_LEADING_PARAMETERS:
-        return (
-            f"its signature changed: expected parameters starting with {DECODER_FORWARD_LEADING_PARAMETERS}, "
-            f"found {found}"
-        )
-    return None
+def _forward_check(required: list[str]):
+    """A check for a forward pass whose parameters start like `DECODER_FORWARD_LEADING_PARAMETERS` and include
+    `required` further on (the order of the later ones varies between releases)."""
+    leading = DECODER_FORWARD_LEADING_PARAMETERS[:-1]
+
+    def check(original) -> str | None:
+        if original is None:
+            return "the class does not define it"
+        found = list(inspect.signature(inspect.unwrap(original)).parameters)
+        missing = [name for name in required if name not in found]
+        if found[: len(leading)] != leading or missing:
+            return f"its signature changed: expected parameters starting with {leading} and with {required}, found {found}"
+        return None
+
+    return check
 
 
-def _causal_lm_forward_check(original) -> str | None:
-    if original is None:
-        return "the class does not define it"
-    found = list(inspect.signature(inspect.unwrap(original)).parameters)
-    expected = CAUSAL_LM_FORWARD_LEADING_PARAMETERS
-    if found[: len(expected)] != expected:
-        return f"its signature changed: expected parameters starting with {expected}, found {found}"
-    return None
+_decoder_forward_check = _forward_check(["use_cache"])
+_causal_lm_forward_check = _forward_check(["labels", "use_cache"])
 
 
 def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
@@ -160,49 +160,53 @@ def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
     ]
 
 
-def phi3_cache_bindings(modeling_phi3, upstream_attribute: UpstreamAttribute) -> list[Binding]:
-    """The stale-cache policy in the decoder, in `generate()`, and the removal of upstream's warning at the switch."""
-    causal_lm = modeling_phi3.Phi3ForCausalLM
+def _generation_binding(causal_lm: type, upstream_attribute: UpstreamAttribute) -> Binding:
+    """`prepare_inputs_for_generation`, decorated: the class's own, or the generic one in place of a cache drop."""
+    name = f"{causal_lm.__name__}.prepare_inputs_for_generation"
+    own = upstream_attribute(causal_lm, "prepare_inputs_for_generation")
+    if own is None or "original_max_position_embeddings" in _source(own):
+        # Inherited, or (Phi-3 and PhiMoE from 4.45) an override that only drops the cache at the switch and then
+        # calls the generic version: the generic version is decorated, and the drop goes
+        def check(original) -> str | None:
+            if original is not None:
+                return expect_source("past_key_values = None", "super().prepare_inputs_for_generation(")(original)
+            return None
+
+        return Binding(
+            name=name,
+            owner=causal_lm,
+            attribute="prepare_inputs_for_generation",
+            replacement=lambda original: check_rope_cache_in_generation(
+                _inherited_attribute(causal_lm, "prepare_inputs_for_generation")
+            ),
+            check=check,
+        )
+    # Releases before 4.46 give each model a complete version of its own
+    return Binding(
+        name=name,
+        owner=causal_lm,
+        attribute="prepare_inputs_for_generation",
+        replacement=check_rope_cache_in_generation,
+        check=all_checks(
+            expect_parameters(V4_44_PREPARE_INPUTS_PARAMETERS), expect_source("input_ids[:, cache_position]")
+        ),
+    )
+
+
+def cache_bindings(decoder: type, causal_lm: type, upstream_attribute: UpstreamAttribute) -> list[Binding]:
+    """The stale-cache policy in a decoder model, its causal LM and `generate()`."""
     bindings = [
         Binding(
-            name="Phi3Model.forward",
-            owner=modeling_phi3.Phi3Model,
+            name=f"{decoder.__name__}.forward",
+            owner=decoder,
             attribute="forward",
             replacement=check_rope_cache,
             check=_decoder_forward_check,
-        )
+        ),
+        _generation_binding(causal_lm, upstream_attribute),
     ]
-
-    prepare_inputs = upstream_attribute(causal_lm, "prepare_inputs_for_generation")
-    if "original_max_position_embeddings" in _source(prepare_inputs):
-        # 4.45 and later: Phi-3's own version drops the cache at the switch, then calls the generic one
-        bindings.append(
-            Binding(
-                name="Phi3ForCausalLM.prepare_inputs_for_generation",
-                owner=causal_lm,
-                attribute="prepare_inputs_for_generation",
-                replacement=lambda original: check_rope_cache_in_generation(
-                    _inherited_attribute(causal_lm, "prepare_inputs_for_generation")
-                ),
-                check=expect_source("past_key_values = None", "super().prepare_inputs_for_generation("),
-            )
-        )
-    else:
-        bindings.append(
-            Binding(
-                name="Phi3ForCausalLM.prepare_inputs_for_generation",
-                owner=causal_lm,
-                attribute="prepare_inputs_for_generation",
-                replacement=check_rope_cache_in_generation,
-                check=all_checks(
-                    expect_parameters(V4_44_PREPARE_INPUTS_PARAMETERS),
-                    expect_source("input_ids[:, cache_position]"),
-                ),
-            )
-        )
-
     causal_lm_forward = upstream_attribute(causal_lm, "forward")
-    if V4_46_SWITCH_WARNING in _source(causal_lm_forward):
+    if causal_lm.__name__ == "Phi3ForCausalLM" and V4_46_SWITCH_WARNING in _source(causal_lm_forward):
         # 4.45 to 4.47: the forward pass also warns at the switch, with a device->host synchronisation at every step
         from modeling_overrides.models.phi3 import modeling_phi3_v4_46
 
@@ -221,7 +225,7 @@ def phi3_cache_bindings(modeling_phi3, upstream_attribute: UpstreamAttribute) ->
     else:
         bindings.append(
             Binding(
-                name="Phi3ForCausalLM.forward",
+                name=f"{causal_lm.__name__}.forward",
                 owner=causal_lm,
                 attribute="forward",
                 replacement=split_at_rope_switch,
@@ -231,14 +235,66 @@ def phi3_cache_bindings(modeling_phi3, upstream_attribute: UpstreamAttribute) ->
     return bindings
 
 
+def _tracks_any_cache(stale_cache_policy: dict[str, str]) -> bool:
+    # With "ignore" for every type, models keep upstream's own handling of their caches
+    return any(policy != "ignore" for policy in stale_cache_policy.values())
+
+
 def phi3_bindings(stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute) -> list[Binding]:
-    """Bindings for Phi-3: its longrope frequency update, and its cache handling unless longrope caches are ignored."""
+    """Bindings for Phi-3: its longrope frequency update, and its cache handling unless its caches are ignored."""
     from transformers.models.phi3 import modeling_phi3
 
     bindings = phi3_rotary_bindings(modeling_phi3)
-    # With "ignore", Phi-3 keeps upstream's own handling of the switch
-    if stale_cache_policy["longrope"] != "ignore":
-        bindings += phi3_cache_bindings(modeling_phi3, upstream_attribute)
+    if _tracks_any_cache(stale_cache_policy):
+        bindings += cache_bindings(modeling_phi3.Phi3Model, modeling_phi3.Phi3ForCausalLM, upstream_attribute)
+    return bindings
+
+
+STANDARD_ROPE_MODELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+"""Models whose rotary embedding is the standard one (`XxxRotaryEmbedding(config)`, any `rope_type`): a config may
+give them longrope or dynamic NTK, and upstream keeps their caches for neither."""
+
+
+def _standard_rotary_binding(rotary_embedding: type) -> Binding:
+    def check(original) -> str | None:
+        if original is None:
+            return "the class does not define it"
+        found = list(inspect.signature(inspect.unwrap(original)).parameters)
+        if found != ["self", "x", "position_ids"]:
+            return f"its signature changed: expected parameters ['self', 'x', 'position_ids'], found {found}"
+        return expect_source("self.inv_freq")(original)
+
+    return Binding(
+        name=f"{rotary_embedding.__name__}.forward",
+        owner=rotary_embedding,
+        attribute="forward",
+        # Before 4.51 `forward` makes only the dynamic update itself: decorating it adds the longrope one (the dynamic
+        # one then runs twice, the second time without effect)
+        replacement=_rotary_forward_replacement,
+        check=check,
+    )
+
+
+def standard_rope_model_bindings(
+    stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute
+) -> list[Binding]:
+    """Bindings for the models of `STANDARD_ROPE_MODELS` whose installed release parameterises RoPE by `rope_type`."""
+    import importlib
+
+    bindings = []
+    for module_name, prefix in STANDARD_ROPE_MODELS.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+        except ImportError:
+            continue
+        rotary_embedding = getattr(module, f"{prefix}RotaryEmbedding", None)
+        if rotary_embedding is None or "rope_type" not in _source(rotary_embedding.__init__):
+            # A release whose rotary embedding takes no RoPE scaling at all (Mistral and Qwen2 before 4.45)
+            continue
+        bindings.append(_standard_rotary_binding(rotary_embedding))
+        if _tracks_any_cache(stale_cache_policy):
+            decoder, causal_lm = getattr(module, f"{prefix}Model"), getattr(module, f"{prefix}ForCausalLM")
+            bindings += cache_bindings(decoder, causal_lm, upstream_attribute)
     return bindings
 
 
@@ -253,4 +309,6 @@ def all_bindings(
         upstream_attribute: returns an attribute as upstream defines it (not as a previous `apply` replaced it), or
             `None` when the class only inherits it.
     """
-    return phi3_bindings(stale_cache_policy, upstream_attribute)
+    return phi3_bindings(stale_cache_policy, upstream_attribute) + standard_rope_model_bindings(
+        stale_cache_policy, upstream_attribute
+    )

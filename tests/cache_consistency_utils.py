@@ -9,7 +9,7 @@ import torch
 from packaging.version import Version
 
 import transformers
-from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM, StaticCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
 
 
 SWITCH_POINT = 32
@@ -43,18 +43,29 @@ SUPPORTS_STATIC_CACHE_GENERATION = getattr(Phi3ForCausalLM, "_supports_static_ca
 """`generate(cache_implementation="static")` and a caller's `StaticCache` in `generate()` exist for Phi-3 from 4.48."""
 
 
-def _rope_config(rope_type: str, switch_point: int, head_dim: int) -> dict:
-    """RoPE settings as each release spells them: `rope_parameters` on 5.x, `rope_scaling` before."""
-    factors = {
-        "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
-        "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
-    }
+DYNAMIC_NTK_FACTOR = 2.0
+"""`factor` of the tiny dynamic NTK models, whose frequencies change past `max_position_embeddings`."""
+
+
+def _rope_config(rope_type: str, switch_point: int, head_dim: int, type_key: str = "type") -> dict:
+    """
+    RoPE settings as each release spells them: `rope_parameters` on 5.x, `rope_scaling` before (Phi-3's 4.x config
+    wants the key `type`, other models accept `rope_type`).
+    """
+    scaling = {}
+    if rope_type == "longrope":
+        scaling = {
+            "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
+            "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
+        }
+    elif rope_type == "dynamic":
+        scaling = {"factor": DYNAMIC_NTK_FACTOR}
     if TRANSFORMERS_VERSION.major >= 5:
-        rope_parameters = {"rope_type": rope_type, "rope_theta": 10000.0}
+        rope_parameters = {"rope_type": rope_type, "rope_theta": 10000.0, **scaling}
         if rope_type == "longrope":
-            rope_parameters.update(factors, original_max_position_embeddings=switch_point)
+            rope_parameters["original_max_position_embeddings"] = switch_point
         return {"rope_parameters": rope_parameters}
-    rope_scaling = {"type": "longrope", **factors} if rope_type == "longrope" else None
+    rope_scaling = {type_key: rope_type, **scaling} if rope_type != "default" else None
     return {"rope_scaling": rope_scaling, "rope_theta": 10000.0}
 
 
@@ -88,6 +99,53 @@ def tiny_phi3_model(rope_type: str = "longrope", seed: int = 0, **overrides) -> 
     return Phi3ForCausalLM(config).eval()
 
 
+def tiny_llama_config(rope_type: str = "longrope", switch_point: int = SWITCH_POINT, **overrides) -> LlamaConfig:
+    """
+    A two-layer Llama config with a sequence-dependent RoPE. `longrope`: short factors up to `switch_point` tokens,
+    long ones beyond. `dynamic`: NTK scaling past `max_position_embeddings = switch_point`.
+    """
+    head_dim = 8
+    config = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": switch_point if rope_type == "dynamic" else 4 * switch_point,
+        "initializer_range": 0.2,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **_rope_config(rope_type, switch_point, head_dim, type_key="rope_type"),
+        **overrides,
+    }
+    if rope_type == "longrope":
+        config["original_max_position_embeddings"] = switch_point
+        if Version("4.45") > TRANSFORMERS_VERSION:
+            # 4.44's validation of longrope parameters fails without an explicit `attention_factor`
+            config["rope_scaling"]["attention_factor"] = 1.0
+    return LlamaConfig(**config)
+
+
+def tiny_llama_model(rope_type: str = "longrope", seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama causal LM in eval mode (fp32, eager attention)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(rope_type, attn_implementation="eager", **overrides)).eval()
+
+
+def reset_dynamic_rope(model) -> None:
+    """
+    Puts every dynamic NTK rotary embedding of `model` back in its initial state. Upstream's dynamic update remembers
+    the longest sequence it has seen (until a sequence shorter than `max_position_embeddings` comes), so a forward
+    pass depends on the ones before it; the no-cache reference is a forward pass of a fresh model.
+    """
+    for module in model.modules():
+        if "dynamic" in str(getattr(module, "rope_type", "")) and hasattr(module, "original_inv_freq"):
+            module.register_buffer("inv_freq", module.original_inv_freq.clone(), persistent=False)
+            module.max_seq_len_cached = module.original_max_seq_len
+
+
 def new_cache(kind: str, config, max_cache_len: int = 3 * SWITCH_POINT):
     """An empty `"dynamic"` or `"static"` cache for a model with `config`, built as the installed release wants it."""
     if kind == "dynamic":
@@ -116,6 +174,7 @@ def random_tokens(length: int, batch_size: int = 1, vocab_size: int = 97, seed: 
 @torch.no_grad()
 def no_cache_logits(model, input_ids, attention_mask=None) -> torch.Tensor:
     """Logits of the last token from a forward pass without cache over `input_ids`: the reference."""
+    reset_dynamic_rope(model)
     position_ids = None
     if attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

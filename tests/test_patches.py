@@ -81,7 +81,9 @@ class PatchesApiTest(unittest.TestCase):
         for thread in threads:
             thread.join()
         self.assertEqual(errors, [])
-        self.assertEqual(len(patches.status().patched), len(PATCHED_ATTRIBUTES))
+        self.assertEqual(patches.status().patched, patches.apply().patched)
+        for key in PATCHED_ATTRIBUTES:
+            self.assertIn(binding_name(*key), patches.status().patched)
         patches.revert()
         for key, original in snapshot().items():
             self.assertIs(original, self.originals[key], key)
@@ -92,29 +94,34 @@ class PatchesApiTest(unittest.TestCase):
         self.assertEqual(status.patched, [])
         status = patches.apply(stale_cache="warn")
         self.assertTrue(status.applied)
-        self.assertEqual(status.stale_cache, {"longrope": "warn"})
-        self.assertEqual(status.patched, sorted(binding_name(*key) for key in PATCHED_ATTRIBUTES))
+        self.assertEqual(status.stale_cache, {"longrope": "warn", "dynamic": "warn"})
+        for key in PATCHED_ATTRIBUTES:
+            self.assertIn(binding_name(*key), status.patched)
+        self.assertIn("LlamaModel.forward", status.patched)
         self.assertEqual(status.refused, {})
         self.assertEqual(status.transformers_version, str(versions.installed_version()))
-        self.assertIn("stale_cache: {'longrope': 'warn'}", str(status))
+        self.assertIn("stale_cache: {'longrope': 'warn', 'dynamic': 'warn'}", str(status))
 
     def test_changing_policy_to_ignore_unbinds_the_causal_lm(self):
         patches.apply()
         status = patches.apply(stale_cache="ignore")
-        self.assertEqual(status.patched, sorted(binding_name(*key) for key in ROTARY_ATTRIBUTES))
+        # Only frequency updates stay: every cache binding (decoders, causal LMs, generation) is undone
+        for key in ROTARY_ATTRIBUTES:
+            self.assertIn(binding_name(*key), status.patched)
+        self.assertEqual([name for name in status.patched if "Model." in name or "CausalLM." in name], [])
         for key in CACHE_ATTRIBUTES:
             self.assertIs(snapshot()[key], self.originals[key], key)
 
     def test_applied_context_restores_the_previous_state(self):
         with patches.applied(stale_cache="raise") as status:
-            self.assertEqual(status.stale_cache, {"longrope": "raise"})
+            self.assertEqual(status.stale_cache, {"longrope": "raise", "dynamic": "raise"})
         self.assertFalse(patches.status().applied)
         self.assertEqual(snapshot(), self.originals)
 
         patches.apply(stale_cache="warn")
         with patches.applied(stale_cache="raise"):
             pass
-        self.assertEqual(patches.status().stale_cache, {"longrope": "warn"})
+        self.assertEqual(patches.status().stale_cache, {"longrope": "warn", "dynamic": "warn"})
 
     def test_unsupported_version_is_refused_and_nothing_changes(self):
         for version in ("4.30.0", "6.1.0"):
@@ -171,4 +178,5 @@ class PatchesApiTest(unittest.TestCase):
         importlib.reload(patches.auto)
         status = patches.status()
         self.assertTrue(status.applied)
-        self.assertEqual(status.stale_cache, {"longrope": "recompute"})
+        self.assertEqual(status.stale_cache, patches.DEFAULT_STALE_CACHE_POLICIES)
+        self.assertEqual(status.stale_cache, {"longrope": "recompute", "dynamic": "warn"})

@@ -1,0 +1,206 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Testing Llama with sequence-dependent RoPE (longrope, dynamic NTK): frequency updates and the KV cache."""
+
+import unittest
+import warnings
+
+import torch
+from packaging.version import Version
+from parameterized import parameterized
+
+import patches
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.testing_utils import require_torch
+
+from ...cache_consistency_utils import (
+    FP32_TOLERANCE,
+    REPORTS_SPECULATIVE_LOGITS_PER_TOKEN,
+    SWITCH_POINT,
+    TRANSFORMERS_VERSION,
+    generate_errors,
+    hand_written_loop_errors,
+    new_cache,
+    random_tokens,
+    reset_dynamic_rope,
+    tiny_llama_model,
+)
+
+
+UPSTREAM_SWITCHES_LLAMA_LONGROPE = Version("4.51") <= TRANSFORMERS_VERSION
+"""Before 4.51, Llama's rotary embedding has no longrope update: it keeps its initial factors at every length."""
+
+LONGROPE_INIT_HAS_SHORT_FACTORS = Version("4.45") <= TRANSFORMERS_VERSION
+"""4.44's longrope init gives every model but Phi-3 the long factors whatever the length: there is no switch (and no
+stale cache) to fix, and the patch does not invent one."""
+
+
+def rotary_embedding(model):
+    return model.model.rotary_emb
+
+
+def expected_inv_freq(model, rope_type: str, sequence_length: int) -> torch.Tensor:
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](model.config, "cpu", seq_len=sequence_length)
+    return inv_freq
+
+
+def stale_cache_warnings(caught) -> list:
+    return [warning for warning in caught if issubclass(warning.category, patches.StaleRopeCacheWarning)]
+
+
+@require_torch
+class LlamaLongRopeTest(unittest.TestCase):
+    def setUp(self):
+        self.model = tiny_llama_model("longrope")
+
+    def assertMatchesNoCache(self, errors):
+        self.assertGreater(len(errors), 0)
+        self.assertLessEqual(max(errors), FP32_TOLERANCE, f"max |Δlogit| per step: {errors}")
+
+    @unittest.skipUnless(LONGROPE_INIT_HAS_SHORT_FACTORS, "this release's longrope init has only the long factors")
+    def test_short_factors_up_to_the_switch_and_long_factors_beyond(self):
+        with patches.applied(), torch.no_grad():
+            for length, uses_long in ((SWITCH_POINT, False), (SWITCH_POINT + 1, True)):
+                self.model(random_tokens(length), use_cache=False)
+                # The short set is asked for with a length of 1: before 4.48 the init function gives the long set
+                # for a sequence of exactly `original_max_position_embeddings` tokens
+                expected = expected_inv_freq(self.model, "longrope", SWITCH_POINT + 1 if uses_long else 1)
+                torch.testing.assert_close(rotary_embedding(self.model).inv_freq, expected)
+
+    @parameterized.expand(
+        [("dynamic_one_token", "dynamic", 1), ("static_one_token", "static", 1), ("dynamic_chunks", "dynamic", 3)]
+    )
+    def test_hand_written_loop_matches_no_cache(self, _, cache_kind, chunk_size):
+        input_ids = random_tokens(SWITCH_POINT + 8)
+        with patches.applied():
+            errors, _ = hand_written_loop_errors(
+                self.model,
+                input_ids,
+                SWITCH_POINT - 4,
+                past_key_values=new_cache(cache_kind, self.model.config),
+                chunk_size=chunk_size,
+            )
+        self.assertMatchesNoCache(errors)
+
+    @parameterized.expand([("greedy", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": 4})])
+    def test_generate_matches_no_cache(self, _, generate_kwargs):
+        half = random_tokens(SWITCH_POINT // 2 - 2)
+        prompt = torch.cat([half, half], dim=-1)
+        with patches.applied():
+            sequences, errors = generate_errors(
+                self.model, prompt, max_new_tokens=10, do_sample=False, **generate_kwargs
+            )
+            with torch.no_grad():
+                greedy = self.model.generate(
+                    prompt, max_new_tokens=10, do_sample=False, use_cache=False, pad_token_id=0
+                )
+        self.assertTrue(torch.equal(sequences, greedy))
+        if "prompt_lookup_num_tokens" not in generate_kwargs or REPORTS_SPECULATIVE_LOGITS_PER_TOKEN:
+            self.assertMatchesNoCache(errors)
+
+    def test_upstream(self):
+        # What the patch fixes: from 4.51 upstream switches the factors but keeps the stale cache; before, it never
+        # switches at all (every length gets the short factors).
+        with torch.no_grad():
+            errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 4), SWITCH_POINT - 2)
+            frequencies = []
+            for length in (SWITCH_POINT - 4, SWITCH_POINT + 4):
+                self.model(random_tokens(length), use_cache=False)
+                frequencies.append(rotary_embedding(self.model).inv_freq.clone())
+        if UPSTREAM_SWITCHES_LLAMA_LONGROPE:
+            self.assertGreater(max(errors), 100 * FP32_TOLERANCE)
+            self.assertFalse(torch.equal(*frequencies))
+        else:
+            self.assertTrue(torch.equal(*frequencies))
+
+
+@require_torch
+class LlamaDynamicNtkTest(unittest.TestCase):
+    def setUp(self):
+        self.model = tiny_llama_model("dynamic")
+        self.input_ids = random_tokens(SWITCH_POINT + 6)
+
+    def test_dynamic_update_grows_and_resets(self):
+        rotary = rotary_embedding(self.model)
+        original = rotary.original_inv_freq.clone()
+        with patches.applied(), torch.no_grad():
+            self.model(random_tokens(SWITCH_POINT), use_cache=False)
+            torch.testing.assert_close(rotary.inv_freq, original)
+            self.model(random_tokens(SWITCH_POINT + 8), use_cache=False)  # growth
+            torch.testing.assert_close(rotary.inv_freq, expected_inv_freq(self.model, "dynamic", SWITCH_POINT + 8))
+            self.assertEqual(int(rotary.max_seq_len_cached), SWITCH_POINT + 8)
+            self.model(random_tokens(SWITCH_POINT + 4), use_cache=False)  # shorter, still scaled: kept
+            torch.testing.assert_close(rotary.inv_freq, expected_inv_freq(self.model, "dynamic", SWITCH_POINT + 8))
+            self.model(random_tokens(SWITCH_POINT - 4), use_cache=False)  # back in the original range: reset
+            torch.testing.assert_close(rotary.inv_freq, original)
+            self.assertEqual(int(rotary.max_seq_len_cached), SWITCH_POINT)
+
+    def test_default_policy_warns_once_and_keeps_the_cache(self):
+        with patches.applied() as status, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", patches.StaleRopeCacheWarning)
+            errors, _ = hand_written_loop_errors(self.model, self.input_ids, SWITCH_POINT - 2)
+        self.assertEqual(status.stale_cache["dynamic"], "warn")
+        self.assertEqual(len(stale_cache_warnings(caught)), 1)
+        self.assertIn("scaled for", str(stale_cache_warnings(caught)[0].message))
+        self.assertLessEqual(max(errors[:2]), FP32_TOLERANCE)
+        self.assertGreater(max(errors), 10 * FP32_TOLERANCE)
+
+    def test_recompute_is_exact_in_loops_and_generate(self):
+        with patches.applied(stale_cache={"dynamic": "recompute"}):
+            errors, _ = hand_written_loop_errors(self.model, self.input_ids, SWITCH_POINT - 2)
+            reset_dynamic_rope(self.model)
+            _, generate_step_errors = generate_errors(
+                self.model, random_tokens(SWITCH_POINT - 2), max_new_tokens=8, do_sample=False
+            )
+        self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
+        self.assertLessEqual(max(generate_step_errors), FP32_TOLERANCE, generate_step_errors)
+
+    def test_raise(self):
+        with patches.applied(stale_cache={"dynamic": "raise"}), self.assertRaises(patches.StaleRopeCacheError):
+            hand_written_loop_errors(self.model, self.input_ids, SWITCH_POINT - 2)
+
+    def test_policies_are_chosen_per_rope_type(self):
+        longrope_model = tiny_llama_model("longrope")
+        policy = {"dynamic": "recompute", "longrope": "warn"}
+        with patches.applied(stale_cache=policy) as status, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", patches.StaleRopeCacheWarning)
+            dynamic_errors, _ = hand_written_loop_errors(self.model, self.input_ids, SWITCH_POINT - 2)
+            self.assertEqual(stale_cache_warnings(caught), [])
+            longrope_errors, _ = hand_written_loop_errors(longrope_model, self.input_ids, SWITCH_POINT - 2)
+        self.assertEqual(status.stale_cache, policy)
+        self.assertLessEqual(max(dynamic_errors), FP32_TOLERANCE)
+        if LONGROPE_INIT_HAS_SHORT_FACTORS:
+            self.assertEqual(len(stale_cache_warnings(caught)), 1)
+            self.assertGreater(max(longrope_errors), 100 * FP32_TOLERANCE)
+
+
+@require_torch
+class LlamaUntouchedTest(unittest.TestCase):
+    def test_default_rope_outputs_are_bitwise_unchanged(self):
+        model = tiny_llama_model("default")
+        input_ids = random_tokens(SWITCH_POINT + 6)
+
+        def run():
+            cache = new_cache("dynamic", model.config)
+            with torch.no_grad():
+                logits = [model(input_ids[:, : SWITCH_POINT - 2], past_key_values=cache).logits]
+                for position in range(SWITCH_POINT - 2, input_ids.shape[1]):
+                    logits.append(model(input_ids[:, position : position + 1], past_key_values=cache).logits)
+            return logits
+
+        unpatched = run()
+        with patches.applied():
+            patched = run()
+        for before, after in zip(unpatched, patched):
+            self.assertTrue(torch.equal(before, after))
