@@ -69,23 +69,30 @@ def _rope_config(rope_type: str, switch_point: int, head_dim: int, type_key: str
     return {"rope_scaling": rope_scaling, "rope_theta": 10000.0}
 
 
+TINY_DECODER = {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    # Large random weights make a stale cache obvious (max |Δlogit| > 1 rather than ~1e-2)
+    "initializer_range": 0.2,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+"""The sizes and special tokens shared by the tiny models (head dimension 8)."""
+
+
 def tiny_phi3_config(rope_type: str = "longrope", switch_point: int = SWITCH_POINT, **overrides) -> Phi3Config:
     """A two-layer Phi-3 config whose longrope factors switch after `switch_point` tokens."""
     head_dim = 8
     config = {
-        "vocab_size": 97,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        **TINY_DECODER,
         "max_position_embeddings": 4 * switch_point,
         # On 5.x the switch point must also be given at the top level, or it silently stays 4096
         "original_max_position_embeddings": switch_point,
-        "initializer_range": 0.2,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         **_rope_config(rope_type, switch_point, head_dim),
         **overrides,
     }
@@ -106,17 +113,8 @@ def tiny_llama_config(rope_type: str = "longrope", switch_point: int = SWITCH_PO
     """
     head_dim = 8
     config = {
-        "vocab_size": 97,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        **TINY_DECODER,
         "max_position_embeddings": switch_point if rope_type == "dynamic" else 4 * switch_point,
-        "initializer_range": 0.2,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         **_rope_config(rope_type, switch_point, head_dim, type_key="rope_type"),
         **overrides,
     }
@@ -204,6 +202,16 @@ def hand_written_loop_errors(model, input_ids, prompt_length: int, past_key_valu
             reference = no_cache_logits(model, input_ids[:, : start + offset + 1])
             errors.append((outputs.logits[:, offset] - reference).abs().max().item())
     return errors, cache
+
+
+@torch.no_grad()
+def cached_decoding_logits(model, input_ids, prompt_length: int) -> list[torch.Tensor]:
+    """The logits of a prefill of `prompt_length` tokens, then of each further token fed alone through a cache."""
+    cache = new_cache("dynamic", model.config)
+    logits = [model(input_ids[:, :prompt_length], past_key_values=cache).logits]
+    for position in range(prompt_length, input_ids.shape[1]):
+        logits.append(model(input_ids[:, position : position + 1], past_key_values=cache).logits)
+    return logits
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from ...cache_consistency_utils import (
     REPORTS_SPECULATIVE_LOGITS_PER_TOKEN,
     SWITCH_POINT,
     TRANSFORMERS_VERSION,
+    cached_decoding_logits,
     generate_errors,
     hand_written_loop_errors,
     new_cache,
@@ -191,16 +192,8 @@ class LlamaUntouchedTest(unittest.TestCase):
         model = tiny_llama_model("default")
         input_ids = random_tokens(SWITCH_POINT + 6)
 
-        def run():
-            cache = new_cache("dynamic", model.config)
-            with torch.no_grad():
-                logits = [model(input_ids[:, : SWITCH_POINT - 2], past_key_values=cache).logits]
-                for position in range(SWITCH_POINT - 2, input_ids.shape[1]):
-                    logits.append(model(input_ids[:, position : position + 1], past_key_values=cache).logits)
-            return logits
-
-        unpatched = run()
+        unpatched = cached_decoding_logits(model, input_ids, SWITCH_POINT - 2)
         with patches.applied():
-            patched = run()
+            patched = cached_decoding_logits(model, input_ids, SWITCH_POINT - 2)
         for before, after in zip(unpatched, patched):
             self.assertTrue(torch.equal(before, after))
