@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 TRANSFORMERS_VERSION ?= 5.23.0
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test test-matrix test-slow style quality
+.PHONY: install demo compare-strategies test test-matrix test-slow style quality
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(PY)
 # The main job: every decoding path across the longrope switch, unpatched vs patched, on tiny models.
 demo: install
 	$(PY) scripts/reproduce.py
+
+# What engines do at the switch (stale, recompute, rerotate, static factors), measured: table, CSVs and a PNG.
+compare-strategies: install
+	$(PY) -m pip install --quiet matplotlib
+	$(PY) scripts/compare_strategies.py --output-dir out/strategies
 
 test: install
 	$(PY) -m pytest tests -q

@@ -52,6 +52,28 @@ def longrope_uses_long_factors(config, sequence_length: int) -> bool:
     return sequence_length > get_longrope_switch_point(config)
 
 
+def inverse_frequencies(config, sequence_length: int, device=None) -> torch.Tensor:
+    """
+    The inverse frequencies a model with `config` rotates a sequence of `sequence_length` tokens with, as a fresh
+    model computes them: for longrope the short or the long factors (the rule of `longrope_uses_long_factors`), for
+    dynamic NTK the base scaled for that length. Used to move cached keys from one set to another.
+    """
+    rope_type = get_rope_type(config)
+    if rope_type == "longrope":
+        rope_parameters = getattr(config, "rope_parameters", None) or config.rope_scaling
+        factors = rope_parameters[
+            "long_factor" if longrope_uses_long_factors(config, sequence_length) else "short_factor"
+        ]
+        base = rope_parameters.get("rope_theta", getattr(config, "rope_theta", None))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        # The longrope frequencies, as `_compute_longrope_parameters` defines them
+        inv_freq_shape = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * base**inv_freq_shape)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len=sequence_length)
+    return inv_freq
+
+
 def longrope_frequency_update(self, position_ids, device, layer_type=None):
     """
     Longrope uses the long factors if the sequence is longer than the original pretraining length, the short ones

@@ -37,13 +37,21 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.utils import is_torchdynamo_compiling
 
-from .modeling_rope_utils import get_rope_type, longrope_uses_long_factors
+from .modeling_rope_utils import (
+    get_longrope_switch_point,
+    get_rope_type,
+    inverse_frequencies,
+    longrope_uses_long_factors,
+)
 
 
-STALE_CACHE_POLICIES = ("recompute", "warn", "raise", "ignore")
+STALE_CACHE_POLICIES = ("recompute", "rerotate", "warn", "raise", "ignore")
 """What to do when a cache computed with one set of RoPE frequencies meets a sequence that needs another:
 
 - `"recompute"`: recompute the cached prefix with the new frequencies, in place in the caller's cache (exact);
+- `"rerotate"`: rotate the cached keys from the old frequencies to the new ones, in place, without a forward pass
+  (exact for the first layer only: deeper layers' keys and values were computed from hidden states that saw the old
+  frequencies);
 - `"warn"`: keep the stale cache and warn once per cache, naming the position and the remedy;
 - `"raise"`: raise a `StaleRopeCacheError` before the stale cache is used;
 - `"ignore"`: keep the stale cache silently.
@@ -394,6 +402,58 @@ def _stale_cache_error(record: RopeCacheRecord, cache_length: int, new_length: i
     )
 
 
+def _regime_sequence_length(config, regime: str) -> int:
+    """A sequence length whose frequencies are those of `regime` (see `rope_frequency_regime`)."""
+    if regime in ("short", "original"):
+        return 1
+    if regime == "long":
+        return get_longrope_switch_point(config) + 1
+    return int(regime.split()[2])  # "scaled for {length} tokens"
+
+
+def _cached_keys_per_layer(cache) -> list[torch.Tensor]:
+    if isinstance(cache, (tuple, list)):
+        return [layer[0] for layer in cache]
+    if hasattr(cache, "layers"):
+        return [layer.keys for layer in cache.layers if getattr(layer, "is_initialized", True)]
+    return list(cache.key_cache)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rerotate_cached_keys(config, past_key_values, record: "RopeCacheRecord", cache_length: int, regime: str) -> None:
+    """
+    Rotates the keys cached in `past_key_values` from the frequencies of `record.regime` to those of `regime`, in
+    place. A key rotated by angle `p * f_old` becomes the key rotated by `p * f_new` by a further rotation of
+    `p * (f_new - f_old)` (rotations of a plane commute; the attention scaling, equal for both sets, is untouched).
+    Values are not rotated. Exact for the first layer; the deeper layers' keys and values were computed from hidden
+    states that attended with the old frequencies, which no rotation undoes.
+    """
+    keys_per_layer = _cached_keys_per_layer(past_key_values)
+    if not keys_per_layer:
+        return
+    device = keys_per_layer[0].device
+    old_inv_freq = inverse_frequencies(config, _regime_sequence_length(config, record.regime), device)
+    new_inv_freq = inverse_frequencies(config, _regime_sequence_length(config, regime), device)
+    if record.inputs_are_known:
+        batch_size = keys_per_layer[0].shape[0]
+        positions = torch.cat([_chunk_positions(chunk, batch_size) for chunk in record.chunks], dim=-1)
+    else:
+        positions = torch.arange(cache_length, device=device)[None]
+    angles = positions[:, None, :, None].float() * (new_inv_freq - old_inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    rotary_dim = cos.shape[-1]
+    for keys in keys_per_layer:
+        rotated = keys[..., :cache_length, :rotary_dim].float()
+        rotated = rotated * cos + _rotate_half(rotated) * sin
+        keys[..., :cache_length, :rotary_dim] = rotated.to(keys.dtype)
+    record.remember(past_key_values)
+
+
 def _reset_cache(cache) -> None:
     """Empties `cache` in place, keeping the object."""
     if hasattr(cache, "reset"):
@@ -516,6 +576,9 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
         )
     if policy == "warn":
         _warn_stale_cache(record, cache_length, new_length, regime, get_rope_type(config))
+        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime)
+    if policy == "rerotate":
+        rerotate_cached_keys(config, past_key_values, record, cache_length, regime)
         return RopeCacheUpdate(model_inputs, config, record, [chunk], regime)
 
     if not record.inputs_are_known:

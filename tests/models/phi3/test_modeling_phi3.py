@@ -316,6 +316,27 @@ class Phi3StaleCachePolicyTest(unittest.TestCase):
             with self.assertRaisesRegex(patches.StaleRopeCacheError, "cropped, reordered or filled outside"):
                 self._step(cache, SWITCH_POINT)
 
+    @parameterized.expand([("dynamic", "dynamic"), ("static", "static")])
+    def test_rerotate_makes_the_first_layer_exact(self, _, cache_kind):
+        # Rotating the cached keys to the long factors gives the first layer exactly the keys a fresh forward pass
+        # computes; deeper layers were computed from hidden states that saw the short factors, and stay off.
+        cache = new_cache(cache_kind, self.model.config)
+        with patches.applied(stale_cache="rerotate"), torch.no_grad():
+            self.model(self.input_ids[:, : SWITCH_POINT - 1], past_key_values=cache)
+            for position in range(SWITCH_POINT - 1, SWITCH_POINT + 1):
+                outputs = self._step(cache, position)
+        length = SWITCH_POINT + 1
+        with patches.applied(stale_cache="recompute"), torch.no_grad():
+            fresh = new_cache("dynamic", self.model.config)
+            self.model(self.input_ids[:, :length], past_key_values=fresh)
+        first_keys, fresh_first_keys = (cached_keys_and_values(c, 0)[0][:, :, :length] for c in (cache, fresh))
+        torch.testing.assert_close(first_keys, fresh_first_keys, rtol=1e-5, atol=1e-5)
+        last_layer = self.model.config.num_hidden_layers - 1
+        last_keys, fresh_last_keys = (cached_keys_and_values(c, last_layer)[0][:, :, :length] for c in (cache, fresh))
+        self.assertGreater((last_keys - fresh_last_keys).abs().max().item(), 1e-3)
+        reference = no_cache_logits(self.model, self.input_ids[:, :length])
+        self.assertGreater((outputs.logits[:, -1] - reference).abs().max().item(), FP32_TOLERANCE)
+
     @parameterized.expand([("unknown_string", "sometimes"), ("unknown_in_dict", {"longrope": "maybe"})])
     def test_unknown_policy_is_a_value_error(self, _, policy):
         with self.assertRaisesRegex(ValueError, "recompute.*warn.*raise.*ignore"):
