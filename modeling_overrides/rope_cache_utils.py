@@ -516,6 +516,13 @@ class RopeCacheUpdate:
             outputs.hidden_states = tuple(hidden_state[:, prefix_length:] for hidden_state in outputs.hidden_states)
         if getattr(outputs, "attentions", None) is not None:
             outputs.attentions = tuple(attention[..., prefix_length:, :] for attention in outputs.attentions)
+        if getattr(outputs, "router_logits", None) is not None:
+            # Mixture-of-experts decoders return them flattened over batch and sequence
+            batch_size, sequence_length = _sequence_inputs(self.model_inputs).shape[:2]
+            outputs.router_logits = tuple(
+                logits.reshape(batch_size, sequence_length, -1)[:, prefix_length:].reshape(-1, logits.shape[-1])
+                for logits in outputs.router_logits
+            )
         return outputs
 
 

@@ -298,6 +298,38 @@ def standard_rope_model_bindings(
     return bindings
 
 
+def phimoe_bindings(stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute) -> list[Binding]:
+    """
+    Bindings for PhiMoE from 5.0, whose rotary `forward` recomputes the short frequencies at every call (it never
+    switches to the long ones) and picks its scale with a device->host synchronisation.
+    """
+    try:
+        from transformers.models.phimoe import modeling_phimoe
+    except ImportError:
+        return []
+    rotary_embedding = modeling_phimoe.PhimoeRotaryEmbedding
+    if "self.rope_init_fn(self.config)" not in _source(upstream_attribute(rotary_embedding, "forward")):
+        # 4.46 to 4.57 have another PhiMoE (a rotary embedding per attention layer, a switch warning): not covered
+        return []
+    from modeling_overrides.models.phimoe import modeling_phimoe as phimoe_overrides
+
+    bindings = [
+        Binding(
+            name="PhimoeRotaryEmbedding.forward",
+            owner=rotary_embedding,
+            attribute="forward",
+            replacement=lambda original: phimoe_overrides.PhimoeRotaryEmbedding.forward,
+            check=all_checks(
+                expect_parameters(["self", "x", "position_ids"]),
+                expect_source("self.rope_init_fn(self.config)", "long_mscale", "short_mscale"),
+            ),
+        )
+    ]
+    if _tracks_any_cache(stale_cache_policy):
+        bindings += cache_bindings(modeling_phimoe.PhimoeModel, modeling_phimoe.PhimoeForCausalLM, upstream_attribute)
+    return bindings
+
+
 def all_bindings(
     stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute = original_attribute
 ) -> list[Binding]:
@@ -309,6 +341,8 @@ def all_bindings(
         upstream_attribute: returns an attribute as upstream defines it (not as a previous `apply` replaced it), or
             `None` when the class only inherits it.
     """
-    return phi3_bindings(stale_cache_policy, upstream_attribute) + standard_rope_model_bindings(
-        stale_cache_policy, upstream_attribute
-    )
+    return [
+        *phi3_bindings(stale_cache_policy, upstream_attribute),
+        *phimoe_bindings(stale_cache_policy, upstream_attribute),
+        *standard_rope_model_bindings(stale_cache_policy, upstream_attribute),
+    ]
