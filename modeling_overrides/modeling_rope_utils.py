@@ -144,6 +144,34 @@ def dynamic_frequency_update(self, position_ids, device, layer_type=None):
         setattr(self, f"{prefix}max_seq_len_cached", self.original_max_seq_len)
 
 
+def longrope_forward_per_row(self, rope_forward, x, position_ids, layer_type=None):
+    """
+    Longrope for a batch whose rows have their own positions (left padding): each row is rotated with the factors of
+    its own length, `max` of its positions + 1, as it would be decoded alone. A short row thus keeps the short factors
+    while a longer row of the same batch has crossed the switch. The rotary forward runs once with each factor set
+    and each row takes its own result: no device->host synchronisation, and a row alone gets the same numbers.
+    """
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    switch_point = (
+        get_longrope_switch_point(self.config)
+        if layer_type is None
+        else int(self.config.rope_parameters[layer_type]["original_max_position_embeddings"])
+    )
+    inv_freq = getattr(self, f"{prefix}inv_freq")
+    batch_inv_freq = inv_freq.clone()
+    rotations = []
+    for factor_set in (f"{prefix}short_inv_freq", f"{prefix}long_inv_freq"):
+        inv_freq.copy_(getattr(self, factor_set))
+        rotations.append(rope_forward(self, x, position_ids, **kwargs))
+    inv_freq.copy_(batch_inv_freq)
+    (short_cos, short_sin), (long_cos, long_sin) = rotations
+    row_uses_long_factors = (position_ids.amax(dim=-1) + 1 > switch_point).view(-1, *([1] * (short_cos.dim() - 1)))
+    cos = torch.where(row_uses_long_factors, long_cos, short_cos)
+    sin = torch.where(row_uses_long_factors, long_sin, short_sin)
+    return cos, sin
+
+
 def dynamic_rope_update(rope_forward):
     """
     Decorator function to update the RoPE parameters in the forward pass, if the model is using a dynamic RoPE
@@ -165,6 +193,8 @@ def dynamic_rope_update(rope_forward):
             dynamic_frequency_update(self, position_ids, device=x.device, **kwargs)
         elif rope_type == "longrope":
             longrope_frequency_update(self, position_ids, device=x.device, **kwargs)
+            if position_ids.shape[0] > 1:
+                return longrope_forward_per_row(self, rope_forward, x, position_ids, **kwargs)
         return rope_forward(self, x, position_ids, **kwargs)
 
     return wrapper

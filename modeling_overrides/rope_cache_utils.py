@@ -365,11 +365,12 @@ def _chunk_positions(chunk: _FedChunk, batch_size: int) -> torch.Tensor:
 
 def _needed_regime(config, record: RopeCacheRecord, cache_length: int, new_length: int, position_ids) -> str | None:
     """
-    The regime of a forward pass over `new_length` tokens after `cache_length` cached ones. The rotary embedding
-    decides with `max(position_ids) + 1` on the device; positions never exceed a token's index in the sequence, so
-    `cache_length + new_length` bounds it on the host. The exact value is read from the device only when the bound
-    cannot settle the question: in the few steps around the switch point, when explicit positions lag behind the
-    index (left padding in every row).
+    The regime of a forward pass over `new_length` tokens after `cache_length` cached ones: one regime, or for a
+    longrope batch whose rows are on both sides of the switch, a tuple with each row's. The rotary embedding decides
+    with `max(position_ids) + 1` (of each row, for longrope) on the device; positions never exceed a token's index in
+    the sequence, so `cache_length + new_length` bounds it on the host. The exact values are read from the device only
+    when the bound cannot settle the question: around the switch point, when explicit positions lag behind the index
+    (left padding), until every row has crossed.
     """
     sequence_length_bound = cache_length + new_length
     regime_at_bound = rope_frequency_regime(config, sequence_length_bound)
@@ -378,7 +379,23 @@ def _needed_regime(config, record: RopeCacheRecord, cache_length: int, new_lengt
     if record.regime == regime_at_bound and cache_length >= record.length:
         # Positions only grow while the cache does: the regime the cache was last filled in still holds
         return regime_at_bound
-    return rope_frequency_regime(config, int(position_ids.max()) + 1)
+    if get_rope_type(config) != "longrope":
+        # Dynamic NTK scales the whole batch by its longest row
+        return rope_frequency_regime(config, int(position_ids.max()) + 1)
+    # Longrope rotates each row by its own length: rows of a left-padded batch may be on both sides of the switch
+    row_lengths = (position_ids.reshape(-1, position_ids.shape[-1]).amax(dim=-1) + 1).tolist()
+    row_regimes = tuple(rope_frequency_regime(config, length) for length in row_lengths)
+    return row_regimes[0] if len(set(row_regimes)) == 1 else row_regimes
+
+
+def _describe(regime) -> str:
+    if isinstance(regime, tuple):
+        return "per-row (" + ", ".join(regime) + ")"
+    return str(regime)
+
+
+def _row_regimes(regime, batch_size: int) -> list[str]:
+    return list(regime) if isinstance(regime, tuple) else [regime] * batch_size
 
 
 def _warn_stale_cache(record: RopeCacheRecord, cache_length: int, new_length: int, regime: str, rope_type: str):
@@ -386,8 +403,9 @@ def _warn_stale_cache(record: RopeCacheRecord, cache_length: int, new_length: in
         return
     record.warned = True
     warnings.warn(
-        f"The KV cache holds {cache_length} tokens computed with the {record.regime} {rope_type} RoPE frequencies, "
-        f"but the sequence is now {cache_length + new_length} tokens long and needs the {regime} ones: the cached "
+        f"The KV cache holds {cache_length} tokens computed with the {_describe(record.regime)} {rope_type} RoPE "
+        f"frequencies, but the sequence is now {cache_length + new_length} tokens long and needs the "
+        f"{_describe(regime)} ones: the cached "
         "keys and values are stale and the outputs will differ from a forward pass without cache. To recompute the "
         'cache exactly, use `stale_cache="recompute"`.',
         StaleRopeCacheWarning,
@@ -397,8 +415,8 @@ def _warn_stale_cache(record: RopeCacheRecord, cache_length: int, new_length: in
 
 def _stale_cache_error(record: RopeCacheRecord, cache_length: int, new_length: int, regime: str, reason: str):
     return StaleRopeCacheError(
-        f"The KV cache holds {cache_length} tokens computed with the {record.regime} RoPE frequencies, but the "
-        f"sequence is now {cache_length + new_length} tokens long and needs the {regime} ones. {reason}"
+        f"The KV cache holds {cache_length} tokens computed with the {_describe(record.regime)} RoPE frequencies, but "
+        f"the sequence is now {cache_length + new_length} tokens long and needs the {_describe(regime)} ones. {reason}"
     )
 
 
@@ -435,15 +453,19 @@ def rerotate_cached_keys(config, past_key_values, record: "RopeCacheRecord", cac
     keys_per_layer = _cached_keys_per_layer(past_key_values)
     if not keys_per_layer:
         return
-    device = keys_per_layer[0].device
-    old_inv_freq = inverse_frequencies(config, _regime_sequence_length(config, record.regime), device)
-    new_inv_freq = inverse_frequencies(config, _regime_sequence_length(config, regime), device)
+    device, batch_size = keys_per_layer[0].device, keys_per_layer[0].shape[0]
+
+    def row_inverse_frequencies(regime) -> torch.Tensor:
+        lengths = [_regime_sequence_length(config, row_regime) for row_regime in _row_regimes(regime, batch_size)]
+        return torch.stack([inverse_frequencies(config, length, device) for length in lengths])
+
+    # One rotation per row: the rows of a batch may be on either side of the switch
+    frequency_change = row_inverse_frequencies(regime) - row_inverse_frequencies(record.regime)
     if record.inputs_are_known:
-        batch_size = keys_per_layer[0].shape[0]
         positions = torch.cat([_chunk_positions(chunk, batch_size) for chunk in record.chunks], dim=-1)
     else:
-        positions = torch.arange(cache_length, device=device)[None]
-    angles = positions[:, None, :, None].float() * (new_inv_freq - old_inv_freq)
+        positions = torch.arange(cache_length, device=device)[None].expand(batch_size, -1)
+    angles = positions[:, None, :, None].float() * frequency_change[:, None, None, :]
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos(), angles.sin()
     rotary_dim = cos.shape[-1]

@@ -9,7 +9,7 @@ the one its replacement was written for; a function that differs is refused, not
 |-----------|--------------------------------------------------------|---------------------------------------------|
 | 4.44-4.47 | `Phi3LongRoPEScaledRotaryEmbedding.forward`, per layer | that `forward`; the causal LM's forward     |
 |           |                                                        | warning (4.45-4.47)                         |
-| 4.48-4.50 | `Phi3RotaryEmbedding._longrope_frequency_update`       | that method and `_dynamic_frequency_update` |
+| 4.48-4.50 | `Phi3RotaryEmbedding._longrope_frequency_update`       | `forward`, in its 4.51 form (decorated)     |
 | 4.51-5.x  | the `dynamic_rope_update` decorator on `forward`       | `forward`, re-decorated                     |
 
 In every release, `Phi3Model.forward` is decorated with `check_rope_cache`, and the causal LM's
@@ -136,18 +136,23 @@ def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
         ]
     rotary_embedding = modeling_phi3.Phi3RotaryEmbedding
     if "_longrope_frequency_update" in rotary_embedding.__dict__:
+        # 4.48 to 4.50: `forward` calls the update methods, then rotates with `inv_freq`; it becomes the 4.51 form,
+        # whose update (for the batch or for each row) is the `dynamic_rope_update` decorator's
+        from modeling_overrides.models.phi3 import modeling_phi3_v4_50
+
         return [
             Binding(
-                name=f"Phi3RotaryEmbedding._{update.__name__}",
+                name="Phi3RotaryEmbedding.forward",
                 owner=rotary_embedding,
-                attribute=f"_{update.__name__}",
-                replacement=lambda original, update=update: update,
+                attribute="forward",
+                replacement=lambda original: modeling_phi3_v4_50.Phi3RotaryEmbedding.forward,
                 check=all_checks(
-                    expect_parameters(["self", "position_ids", "device"]),
-                    expect_source("torch.max(position_ids) + 1"),
+                    expect_parameters(["self", "x", "position_ids"]),
+                    expect_source(
+                        "self._longrope_frequency_update(position_ids", "cos = cos * self.attention_scaling"
+                    ),
                 ),
             )
-            for update in (modeling_rope_utils.longrope_frequency_update, modeling_rope_utils.dynamic_frequency_update)
         ]
     return [
         Binding(

@@ -16,9 +16,6 @@ def rotary_attributes() -> list[tuple[type, str]]:
     version = versions.installed_version()
     if version < Version("4.48"):
         return [(modeling_phi3.Phi3LongRoPEScaledRotaryEmbedding, "forward")]
-    if version < Version("4.51"):
-        rotary_embedding = modeling_phi3.Phi3RotaryEmbedding
-        return [(rotary_embedding, "_dynamic_frequency_update"), (rotary_embedding, "_longrope_frequency_update")]
     return [(modeling_phi3.Phi3RotaryEmbedding, "forward")]
 
 
@@ -153,19 +150,20 @@ class PatchesApiTest(unittest.TestCase):
 
     def test_a_function_whose_code_changed_is_refused_by_its_fingerprint(self):
         # Same signature as upstream's, other code: only the source fingerprint tells them apart
-        def changed_rotary_forward(self, x, position_ids, seq_len=None):
+        def changed_legacy_rotary_forward(self, x, position_ids, seq_len=None):
             return None
 
-        def changed_frequency_update(self, position_ids, device):
+        def changed_rotary_forward(self, x, position_ids):
             return None
 
-        owner, attribute = ROTARY_ATTRIBUTES[-1]
-        changed = {"forward": changed_rotary_forward, "_longrope_frequency_update": changed_frequency_update}
-        if versions.installed_version() >= Version("4.51"):
+        version = versions.installed_version()
+        if version >= Version("4.51"):
             self.skipTest("from 4.51 the rotary `forward` is recognised by its `dynamic_rope_update` decorator")
-        with mock.patch.object(owner, attribute, changed[attribute]):
+        owner, attribute = ROTARY_ATTRIBUTES[0]
+        changed = changed_legacy_rotary_forward if version < Version("4.48") else changed_rotary_forward
+        with mock.patch.object(owner, attribute, changed):
             status = patches.apply()
-            self.assertIs(owner.__dict__[attribute], changed[attribute])
+            self.assertIs(owner.__dict__[attribute], changed)
             self.assertIn("its code changed", status.refused[binding_name(owner, attribute)])
             self.assertNotIn(binding_name(owner, attribute), status.patched)
             patches.revert()

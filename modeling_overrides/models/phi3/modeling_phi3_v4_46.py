@@ -36,21 +36,21 @@ from transformers.utils import add_start_docstrings_to_model_forward, replace_re
 class Phi3LongRoPEScaledRotaryEmbedding(Phi3RotaryEmbedding):
     @torch.no_grad()
     def forward(self, x, position_ids, seq_len=None):
-        # The factors follow the sequence length `max(position_ids) + 1`, the rule the KV cache is checked with
-        # (`seq_len`, the cache index, overstates it for left-padded rows). The choice is made on the device: no
-        # device->host synchronisation in every layer of every step.
+        # Each row follows its own length, `max` of its positions + 1, the rule the KV cache is checked with (`seq_len`,
+        # the cache index, overstates it for left-padded rows): a row of a batch is rotated as it would be alone. The
+        # choice is made on the device: no device->host synchronisation in every layer of every step.
         if getattr(self, "ext_factors", None) is None or self.ext_factors.device != x.device:
             self.ext_factors = torch.tensor(
                 [self.short_factor, self.long_factor], dtype=torch.float32, device=x.device
             )
-        sequence_length = torch.max(position_ids) + 1
-        uses_long_factors = sequence_length > self.original_max_position_embeddings
-        ext_factors = torch.where(uses_long_factors, self.ext_factors[1], self.ext_factors[0])
+        row_lengths = position_ids.amax(dim=-1) + 1
+        uses_long_factors = row_lengths > self.original_max_position_embeddings
+        ext_factors = torch.where(uses_long_factors[:, None], self.ext_factors[1], self.ext_factors[0])
 
         inv_freq_shape = torch.arange(0, self.dim, 2, dtype=torch.int64, device=x.device).float() / self.dim
-        self.inv_freq = 1.0 / (ext_factors * self.base**inv_freq_shape)
+        row_inv_freq = 1.0 / (ext_factors * self.base**inv_freq_shape)
 
-        inv_freq_expanded = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        inv_freq_expanded = row_inv_freq[:, :, None].float()
         position_ids_expanded = position_ids[:, None, :].float()
 
         # Force float32 since bfloat16 loses precision on long contexts
