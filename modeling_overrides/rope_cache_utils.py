@@ -429,12 +429,13 @@ def _regime_sequence_length(config, regime: str) -> int:
     return int(regime.split()[2])  # "scaled for {length} tokens"
 
 
-def _cached_keys_per_layer(cache) -> list[torch.Tensor]:
+def _cached_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The `(keys, values)` tensors a cache holds, per layer (legacy tuples, `layers` from 4.56, lists before)."""
     if isinstance(cache, (tuple, list)):
-        return [layer[0] for layer in cache]
+        return [(layer[0], layer[1]) for layer in cache]
     if hasattr(cache, "layers"):
-        return [layer.keys for layer in cache.layers if getattr(layer, "is_initialized", True)]
-    return list(cache.key_cache)
+        return [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "is_initialized", True)]
+    return list(zip(cache.key_cache, cache.value_cache))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -450,7 +451,7 @@ def rerotate_cached_keys(config, past_key_values, record: "RopeCacheRecord", cac
     Values are not rotated. Exact for the first layer; the deeper layers' keys and values were computed from hidden
     states that attended with the old frequencies, which no rotation undoes.
     """
-    keys_per_layer = _cached_keys_per_layer(past_key_values)
+    keys_per_layer = [keys for keys, _ in _cached_layers(past_key_values)]
     if not keys_per_layer:
         return
     device, batch_size = keys_per_layer[0].device, keys_per_layer[0].shape[0]
@@ -497,7 +498,16 @@ class RopeCacheUpdate:
     `commit` records it on the cache and `caller_outputs` drops the outputs of the recomputed prefix.
     """
 
-    def __init__(self, model_inputs: dict, config=None, record=None, chunks=None, regime=None, prefix_length=None):
+    def __init__(
+        self,
+        model_inputs: dict,
+        config=None,
+        record=None,
+        chunks=None,
+        regime=None,
+        prefix_length=None,
+        row_recompute=None,
+    ):
         self.model_inputs = model_inputs
         self._config = config
         self._record = record
@@ -505,6 +515,23 @@ class RopeCacheUpdate:
         self._regime = regime
         # Set when the cache was reset and refilled: the number of recomputed tokens in front of the caller's
         self._prefix_length = prefix_length
+        # Set when only some rows of a batch need other frequencies: `(rows, their whole inputs, cache length)`
+        self._row_recompute = row_recompute
+
+    def recompute_rows(self, decoder, model_forward, past_key_values) -> None:
+        """
+        Recomputes, in place, the cached keys and values of the rows whose frequencies changed, and only those: the
+        rows run alone through `model_forward` over their whole sequence (so that each gets the frequencies of its
+        own length) into a new cache, whose prefix is copied into theirs. The forward pass of the caller's tokens
+        then runs as usual, for every row.
+        """
+        if self._row_recompute is None:
+            return
+        rows, row_inputs, cache_length = self._row_recompute
+        recomputed = model_forward(decoder, **row_inputs).past_key_values
+        for (keys, values), (new_keys, new_values) in zip(_cached_layers(past_key_values), _cached_layers(recomputed)):
+            keys[rows, :, :cache_length] = new_keys[:, :, :cache_length].to(keys.dtype)
+            values[rows, :, :cache_length] = new_values[:, :, :cache_length].to(values.dtype)
 
     def commit(self, past_key_values) -> None:
         """Records the forward pass on `past_key_values`, the cache the model returned (if any)."""
@@ -628,7 +655,7 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
             "Recomputing it needs a 2D attention mask over the whole sequence (or none), got a 4D or prepared mask.",
         )
 
-    model_inputs = dict(model_inputs)
+    caller_inputs, model_inputs = model_inputs, dict(model_inputs)
     prefix_ids, prefix_embeds, prefix_positions = record.fed_inputs(embedding_layer)
     if prefix_ids is not None and input_ids is not None:
         model_inputs["input_ids"] = torch.cat([prefix_ids, input_ids], dim=1)
@@ -646,6 +673,26 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
     if model_inputs.get("cache_position") is not None:
         model_inputs["cache_position"] = torch.arange(
             cache_length + new_length, device=model_inputs["cache_position"].device
+        )
+
+    batch_size = new_inputs.shape[0]
+    changed_rows = [
+        row
+        for row, (old, new) in enumerate(
+            zip(_row_regimes(record.regime, batch_size), _row_regimes(regime, batch_size))
+        )
+        if old != new
+    ]
+    if len(changed_rows) < batch_size:
+        # Rows on both sides of the switch: only the rows that changed are recomputed
+        rows = torch.tensor(changed_rows, device=new_inputs.device)
+        row_inputs = {"past_key_values": None, "use_cache": True}
+        for name in ("input_ids", "inputs_embeds", "position_ids", "attention_mask"):
+            row_inputs[name] = model_inputs[name][rows] if model_inputs.get(name) is not None else None
+        if model_inputs.get("cache_position") is not None:
+            row_inputs["cache_position"] = model_inputs["cache_position"]
+        return RopeCacheUpdate(
+            caller_inputs, config, record, [chunk], regime, row_recompute=(rows, row_inputs, cache_length)
         )
 
     if isinstance(past_key_values, (tuple, list)):
@@ -789,6 +836,7 @@ def check_rope_cache(model_forward):
         rope_cache_update = prepare_rope_cache_update(
             self.config, kwargs.get("past_key_values"), kwargs, self.get_input_embeddings()
         )
+        rope_cache_update.recompute_rows(self, model_forward, kwargs.get("past_key_values"))
         outputs = model_forward(self, **rope_cache_update.model_inputs)
         rope_cache_update.commit(outputs.past_key_values)
         outputs = rope_cache_update.caller_outputs(outputs)
@@ -831,7 +879,7 @@ def split_at_rope_switch(causal_lm_forward):
     return wrapper
 
 
-def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attention_mask, position_ids) -> bool:
+def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attention_mask, position_ids) -> str | None:
     """
     Called by `generate()` before each forward pass, with the whole sequence so far, in eager mode (also when the
     forward pass itself is compiled).
@@ -839,17 +887,19 @@ def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attent
     When the cache was cropped or reordered (assisted decoding, beam search), the record no longer knows what the
     cache holds, but `generate()` does: the first `cache_length` tokens of `input_ids`. The record learns them again.
 
-    Returns `True` when the coming forward pass needs other RoPE frequencies than the cache holds and the policy is
-    `"recompute"`: the cache has then been reset in place, and the caller feeds the whole sequence through it.
+    When the coming forward pass needs other RoPE frequencies than the cache holds and the policy is `"recompute"`,
+    returns what is recomputed: `"sequence"` when the cache has been reset in place and the caller feeds the whole
+    sequence through it, `"rows"` when only some rows of the batch change and the forward pass recomputes those (it
+    then needs the 2D attention mask). Returns `None` otherwise.
     """
     policy = _enforced_stale_cache_policy(config)
     if past_key_values is None or policy is None:
-        return False
+        return None
     record = RopeCacheRecord.of(past_key_values)
     cache_length = record.observe(past_key_values, config)
     if cache_length == 0 or input_ids.shape[1] <= cache_length:
         # Nothing cached yet, or a generation from embeddings, whose `input_ids` do not hold the prompt
-        return False
+        return None
     positions = _generation_positions(attention_mask, position_ids, input_ids.shape[1])
     if not record.inputs_are_known:
         prefix_positions = positions[..., :cache_length].clone() if positions is not None else None
@@ -864,12 +914,19 @@ def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attent
     last_regime = _needed_regime(config, record, cache_length, new_length, new_positions)
     if policy != "recompute" or record.regime == first_regime == last_regime:
         # `forward` applies the other policies
-        return False
+        return None
+    batch_size = input_ids.shape[0]
+    unchanged_rows = [
+        old == new for old, new in zip(_row_regimes(record.regime, batch_size), _row_regimes(last_regime, batch_size))
+    ]
+    if first_regime == last_regime and any(unchanged_rows):
+        # Some rows keep their frequencies: `forward` recomputes only the others, from the 2D attention mask
+        return "rows"
     _reset_cache(past_key_values)
     record.restart(regime=None, chunks=[])
     record.refed_new_length = new_length
     record.remember(past_key_values)
-    return True
+    return "sequence"
 
 
 def _generation_positions(attention_mask, position_ids, length: int):
@@ -917,12 +974,17 @@ def check_rope_cache_in_generation(prepare_inputs_for_generation):
             named.get("attention_mask"),
             named.get("position_ids"),
         )
-        refeed = named.get("inputs_embeds") is None and prepare_rope_cache_for_generation(
-            self.config, named.get("past_key_values"), input_ids, attention_mask, position_ids
-        )
+        recomputed = None
+        if named.get("inputs_embeds") is None:
+            recomputed = prepare_rope_cache_for_generation(
+                self.config, named.get("past_key_values"), input_ids, attention_mask, position_ids
+            )
         model_inputs = prepare_inputs_for_generation(self, *args, **kwargs)
-        if refeed:
+        if recomputed == "sequence":
             model_inputs = _whole_sequence_inputs(model_inputs, input_ids, attention_mask, position_ids)
+        elif recomputed == "rows" and model_inputs.get("attention_mask") is not attention_mask:
+            # The prepared mask covers the new tokens only; recomputing rows needs the 2D one
+            model_inputs["attention_mask"] = attention_mask
         return model_inputs
 
     return wrapper

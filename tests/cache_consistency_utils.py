@@ -204,6 +204,26 @@ def hand_written_loop_errors(model, input_ids, prompt_length: int, past_key_valu
     return errors, cache
 
 
+def left_padded_batch(padding: int, pad_token_id: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Two rows of `SWITCH_POINT - 2` token slots; the second is left-padded by `padding` (it is shorter)."""
+    prompt = random_tokens(SWITCH_POINT - 2, batch_size=2)
+    attention_mask = torch.ones_like(prompt)
+    attention_mask[1, :padding] = 0
+    prompt[1, :padding] = pad_token_id
+    return prompt, attention_mask
+
+
+def row_alone_errors(model, sequences, step_logits, attention_mask, prompt_length: int) -> list[float]:
+    """Max |Δlogit| of each row at each step against that row alone (no padding) without cache."""
+    errors = []
+    for row in range(sequences.shape[0]):
+        padding = int((attention_mask[row] == 0).sum())
+        for step, logits in enumerate(step_logits):
+            row_alone = sequences[row : row + 1, padding : prompt_length + step]
+            errors.append((logits[row] - no_cache_logits(model, row_alone)[0]).abs().max().item())
+    return errors
+
+
 @torch.no_grad()
 def cached_decoding_logits(model, input_ids, prompt_length: int) -> list[torch.Tensor]:
     """The logits of a prefill of `prompt_length` tokens, then of each further token fed alone through a cache."""

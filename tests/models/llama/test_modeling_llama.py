@@ -32,9 +32,11 @@ from ...cache_consistency_utils import (
     cached_decoding_logits,
     generate_errors,
     hand_written_loop_errors,
+    left_padded_batch,
     new_cache,
     random_tokens,
     reset_dynamic_rope,
+    row_alone_errors,
     tiny_llama_model,
 )
 
@@ -109,6 +111,21 @@ class LlamaLongRopeTest(unittest.TestCase):
         self.assertTrue(torch.equal(sequences, greedy))
         if "prompt_lookup_num_tokens" not in generate_kwargs or REPORTS_SPECULATIVE_LOGITS_PER_TOKEN:
             self.assertMatchesNoCache(errors)
+
+    def test_each_row_of_a_left_padded_batch_matches_that_row_alone(self):
+        prompt, attention_mask = left_padded_batch(padding=6)
+        with patches.applied(), torch.no_grad():
+            outputs = self.model.generate(
+                prompt,
+                attention_mask=attention_mask,
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+            errors = row_alone_errors(self.model, outputs.sequences, outputs.logits, attention_mask, prompt.shape[1])
+        self.assertMatchesNoCache(errors)
 
     def test_upstream(self):
         # What the patch fixes: from 4.51 upstream switches the factors but keeps the stale cache; before, it never

@@ -38,9 +38,11 @@ from ...cache_consistency_utils import (
     cached_keys_and_values,
     generate_errors,
     hand_written_loop_errors,
+    left_padded_batch,
     new_cache,
     no_cache_logits,
     random_tokens,
+    row_alone_errors,
     tiny_phi3_model,
 )
 
@@ -203,32 +205,16 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
         )
         self.assertMatchesNoCache(errors)
 
-    def left_padded_batch(self, padding: int):
-        """Two rows of `SWITCH_POINT - 2` token slots; the second is left-padded by `padding` (it is shorter)."""
-        prompt = random_tokens(SWITCH_POINT - 2, batch_size=2)
-        attention_mask = torch.ones_like(prompt)
-        attention_mask[1, :padding] = 0
-        prompt[1, :padding] = self.model.config.pad_token_id
-        return prompt, attention_mask
-
-    def row_alone_errors(self, sequences, step_logits, attention_mask, prompt_length: int) -> list[float]:
-        """Max |Δlogit| of each row at each step against that row alone (no padding) without cache."""
-        errors = []
-        for row in range(sequences.shape[0]):
-            padding = int((attention_mask[row] == 0).sum())
-            for step, logits in enumerate(step_logits):
-                row_alone = sequences[row : row + 1, padding : prompt_length + step]
-                errors.append((logits[row] - no_cache_logits(self.model, row_alone)[0]).abs().max().item())
-        return errors
-
     @parameterized.expand([("greedy", {}), ("static_cache", {"cache_implementation": "static"})])
     def test_each_row_of_a_left_padded_batch_matches_that_row_alone(self, _, generate_kwargs):
         # The first row crosses the switch after 3 steps, the second, 6 tokens shorter, after 9: in between, each row
         # keeps the factors of its own length, as it would decoded alone.
         if "cache_implementation" in generate_kwargs and not SUPPORTS_STATIC_CACHE_GENERATION:
             self.skipTest("this release's Phi-3 has no static-cache generation")
-        prompt, attention_mask = self.left_padded_batch(padding=6)
-        with torch.no_grad():
+        prompt, attention_mask = left_padded_batch(padding=6)
+        # Each row crosses while the other does not: only that row is recomputed, the cache is never reset
+        reset = mock.patch.object(rope_cache_utils, "_reset_cache", wraps=rope_cache_utils._reset_cache)
+        with torch.no_grad(), reset as reset_calls:
             outputs = self.model.generate(
                 prompt,
                 attention_mask=attention_mask,
@@ -239,11 +225,12 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
                 output_logits=True,
                 **generate_kwargs,
             )
-        errors = self.row_alone_errors(outputs.sequences, outputs.logits, attention_mask, prompt.shape[1])
+        errors = row_alone_errors(self.model, outputs.sequences, outputs.logits, attention_mask, prompt.shape[1])
         self.assertMatchesNoCache(errors)
+        self.assertEqual(reset_calls.call_count, 0)
 
     def test_each_row_matches_that_row_alone_in_a_hand_written_loop(self):
-        prompt, attention_mask = self.left_padded_batch(padding=6)
+        prompt, attention_mask = left_padded_batch(padding=6)
         cache = new_cache("dynamic", self.model.config)
         sequences, step_logits = prompt, []
         with torch.no_grad():
@@ -258,7 +245,7 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
                 outputs = self.model(
                     next_tokens, attention_mask=attention_mask, position_ids=positions, past_key_values=cache
                 )
-        errors = self.row_alone_errors(sequences, step_logits, attention_mask, prompt.shape[1])
+        errors = row_alone_errors(self.model, sequences, step_logits, attention_mask, prompt.shape[1])
         self.assertMatchesNoCache(errors)
 
     def test_long_loop_with_explicit_positions_before_the_switch(self):
