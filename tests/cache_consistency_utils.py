@@ -213,6 +213,26 @@ def left_padded_batch(padding: int, pad_token_id: int = 0) -> tuple[torch.LongTe
     return prompt, attention_mask
 
 
+@torch.no_grad()
+def left_padded_generate_row_errors(model, padding: int = 6, max_new_tokens: int = 12, **generate_kwargs):
+    """
+    Greedy `generate()` on `left_padded_batch(padding)`; returns, for each row and step, the max |Δlogit| against
+    that row alone without cache (see `row_alone_errors`).
+    """
+    prompt, attention_mask = left_padded_batch(padding)
+    outputs = model.generate(
+        prompt,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **generate_kwargs,
+    )
+    return row_alone_errors(model, outputs.sequences, outputs.logits, attention_mask, prompt.shape[1])
+
+
 def row_alone_errors(model, sequences, step_logits, attention_mask, prompt_length: int) -> list[float]:
     """Max |Δlogit| of each row at each step against that row alone (no padding) without cache."""
     errors = []

@@ -32,11 +32,10 @@ from ...cache_consistency_utils import (
     cached_decoding_logits,
     generate_errors,
     hand_written_loop_errors,
-    left_padded_batch,
+    left_padded_generate_row_errors,
     new_cache,
     random_tokens,
     reset_dynamic_rope,
-    row_alone_errors,
     tiny_llama_model,
 )
 
@@ -113,18 +112,8 @@ class LlamaLongRopeTest(unittest.TestCase):
             self.assertMatchesNoCache(errors)
 
     def test_each_row_of_a_left_padded_batch_matches_that_row_alone(self):
-        prompt, attention_mask = left_padded_batch(padding=6)
-        with patches.applied(), torch.no_grad():
-            outputs = self.model.generate(
-                prompt,
-                attention_mask=attention_mask,
-                max_new_tokens=12,
-                do_sample=False,
-                pad_token_id=0,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-            errors = row_alone_errors(self.model, outputs.sequences, outputs.logits, attention_mask, prompt.shape[1])
+        with patches.applied():
+            errors = left_padded_generate_row_errors(self.model)
         self.assertMatchesNoCache(errors)
 
     def test_upstream(self):

@@ -39,6 +39,7 @@ from ...cache_consistency_utils import (
     generate_errors,
     hand_written_loop_errors,
     left_padded_batch,
+    left_padded_generate_row_errors,
     new_cache,
     no_cache_logits,
     random_tokens,
@@ -211,21 +212,10 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
         # keeps the factors of its own length, as it would decoded alone.
         if "cache_implementation" in generate_kwargs and not SUPPORTS_STATIC_CACHE_GENERATION:
             self.skipTest("this release's Phi-3 has no static-cache generation")
-        prompt, attention_mask = left_padded_batch(padding=6)
         # Each row crosses while the other does not: only that row is recomputed, the cache is never reset
         reset = mock.patch.object(rope_cache_utils, "_reset_cache", wraps=rope_cache_utils._reset_cache)
-        with torch.no_grad(), reset as reset_calls:
-            outputs = self.model.generate(
-                prompt,
-                attention_mask=attention_mask,
-                max_new_tokens=12,
-                do_sample=False,
-                pad_token_id=0,
-                return_dict_in_generate=True,
-                output_logits=True,
-                **generate_kwargs,
-            )
-        errors = row_alone_errors(self.model, outputs.sequences, outputs.logits, attention_mask, prompt.shape[1])
+        with reset as reset_calls:
+            errors = left_padded_generate_row_errors(self.model, **generate_kwargs)
         self.assertMatchesNoCache(errors)
         self.assertEqual(reset_calls.call_count, 0)
 
