@@ -900,6 +900,11 @@ def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attent
     if cache_length == 0 or input_ids.shape[1] <= cache_length:
         # Nothing cached yet, or a generation from embeddings, whose `input_ids` do not hold the prompt
         return None
+    if record.inputs_are_known and cache_length >= record.length:
+        bound_regimes = {rope_frequency_regime(config, length) for length in (cache_length + 1, input_ids.shape[1])}
+        if bound_regimes == {record.regime}:
+            # An ordinary decoding step: positions never exceed the index, so no row can need other frequencies
+            return None
     positions = _generation_positions(attention_mask, position_ids, input_ids.shape[1])
     if not record.inputs_are_known:
         prefix_positions = positions[..., :cache_length].clone() if positions is not None else None
