@@ -30,7 +30,7 @@ import inspect
 import warnings
 import weakref
 from dataclasses import dataclass
-from functools import wraps
+from functools import partial, wraps
 
 import torch
 
@@ -195,12 +195,17 @@ def _same_tensor_state(state, tensor: torch.Tensor | None) -> bool:
 
 @dataclass
 class _FedChunk:
-    """Inputs fed through a cache in one forward pass: token ids or embeddings, and their positions if given."""
+    """
+    Inputs fed through a cache in one forward pass: token ids or embeddings, and their positions if given.
+    `other_inputs` names the tensor inputs the record does not keep (images, audio, packed-sequence boundaries), which
+    may have changed what the model made of these tokens.
+    """
 
     input_ids: torch.Tensor | None
     inputs_embeds: torch.Tensor | None
     position_ids: torch.Tensor | None
     start: int
+    other_inputs: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -224,6 +229,8 @@ class RopeCacheRecord:
         self.length = 0
         self.regime: str | None = None
         self.chunks: list[_FedChunk] | None = []
+        # Why the inputs are unknown, when they are
+        self.unknown_inputs_reason = ""
         self.warned = False
         # Set by `generate()` when it feeds the whole sequence again: only the logits of this many tokens at the end
         # are its own (releases before 4.45 have no `logits_to_keep` to say so)
@@ -273,15 +280,20 @@ class RopeCacheRecord:
             if self.regime is None:
                 # A cache filled without a record: assume one forward pass over its length, as upstream fills it
                 self.regime = rope_frequency_regime(config, cache_length)
-            self.chunks = None
+            self.forget_inputs("the cache was cropped, reordered or filled outside the model")
             self.length = cache_length
         self.remember(cache)
         return cache_length
+
+    def forget_inputs(self, reason: str):
+        self.chunks = None
+        self.unknown_inputs_reason = reason
 
     def restart(self, regime: str | None, chunks: list[_FedChunk]):
         self.regime = regime
         self.chunks = chunks
         self.length = sum(chunk.length for chunk in chunks)
+        self._forget_inputs_of_other_modalities()
 
     def append(self, chunk: _FedChunk, regime: str | None):
         if self.chunks is not None:
@@ -290,6 +302,14 @@ class RopeCacheRecord:
                 self.chunks = _merge_chunks(self.chunks)
         self.length += chunk.length
         self.regime = regime
+        self._forget_inputs_of_other_modalities()
+
+    def _forget_inputs_of_other_modalities(self):
+        # Token ids alone do not give back what a model made of them with images or audio
+        other_inputs = sorted({name for chunk in self.chunks or [] for name in chunk.other_inputs})
+        if other_inputs:
+            names = ", ".join(f"`{name}`" for name in other_inputs)
+            self.forget_inputs(f"tokens were fed with {names}, which the cache record does not keep")
 
     def remember(self, cache):
         """Notes the state in which the model leaves `cache`, to recognise it next time."""
@@ -363,7 +383,14 @@ def _chunk_positions(chunk: _FedChunk, batch_size: int) -> torch.Tensor:
     return positions.unsqueeze(0).expand(batch_size, -1)
 
 
-def _needed_regime(config, record: RopeCacheRecord, cache_length: int, new_length: int, position_ids) -> str | None:
+def _needed_regime(
+    config,
+    record: RopeCacheRecord,
+    cache_length: int,
+    new_length: int,
+    position_ids,
+    frequencies_per_row: bool = True,
+) -> str | None:
     """
     The regime of a forward pass over `new_length` tokens after `cache_length` cached ones: one regime, or for a
     longrope batch whose rows are on both sides of the switch, a tuple with each row's. The rotary embedding decides
@@ -371,10 +398,13 @@ def _needed_regime(config, record: RopeCacheRecord, cache_length: int, new_lengt
     the sequence, so `cache_length + new_length` bounds it on the host. The exact values are read from the device only
     when the bound cannot settle the question: around the switch point, when explicit positions lag behind the index
     (left padding), until every row has crossed.
+
+    With `frequencies_per_row=False` the rotary embedding decides for the whole batch by the index,
+    `cache_length + new_length`, whatever the positions.
     """
     sequence_length_bound = cache_length + new_length
     regime_at_bound = rope_frequency_regime(config, sequence_length_bound)
-    if position_ids is None or regime_at_bound == rope_frequency_regime(config, 1):
+    if position_ids is None or not frequencies_per_row or regime_at_bound == rope_frequency_regime(config, 1):
         return regime_at_bound
     if record.regime == regime_at_bound and cache_length >= record.length:
         # Positions only grow while the cache does: the regime the cache was last filled in still holds
@@ -507,8 +537,10 @@ class RopeCacheUpdate:
         regime=None,
         prefix_length=None,
         row_recompute=None,
+        frequencies_per_row=True,
     ):
         self.model_inputs = model_inputs
+        self._frequencies_per_row = frequencies_per_row
         self._config = config
         self._record = record
         self._chunks = chunks
@@ -541,7 +573,9 @@ class RopeCacheUpdate:
         if self._chunks is None:
             # The model created this cache itself: its record starts with this forward pass
             chunk = _fed_chunk(self.model_inputs, start=0)
-            regime = _needed_regime(self._config, RopeCacheRecord(), 0, chunk.length, chunk.position_ids)
+            regime = _needed_regime(
+                self._config, RopeCacheRecord(), 0, chunk.length, chunk.position_ids, self._frequencies_per_row
+            )
             self._chunks, self._regime, restart = [chunk], regime, True
         if isinstance(past_key_values, (tuple, list)) and self._record is not None:
             # A legacy cache comes back as a new tuple: the record moves on to it
@@ -575,6 +609,19 @@ class RopeCacheUpdate:
         return outputs
 
 
+_RECORDED_OR_POSITIONAL_INPUTS = (
+    "input_ids",
+    "inputs_embeds",
+    "position_ids",
+    "attention_mask",
+    "cache_position",
+    "past_key_values",
+    "logits_to_keep",
+    "num_logits_to_keep",
+)
+"""Forward-pass inputs the record keeps, or rebuilds for a recompute; any other tensor input is an `other_inputs`."""
+
+
 def _fed_chunk(model_inputs: dict, start: int) -> _FedChunk:
     """Copies the inputs of a forward pass for the record (callers may reuse their input buffers)."""
     input_ids, inputs_embeds, position_ids = (
@@ -582,15 +629,23 @@ def _fed_chunk(model_inputs: dict, start: int) -> _FedChunk:
         model_inputs.get("inputs_embeds"),
         model_inputs.get("position_ids"),
     )
+    other_inputs = tuple(
+        name
+        for name, value in model_inputs.items()
+        if isinstance(value, torch.Tensor) and name not in _RECORDED_OR_POSITIONAL_INPUTS
+    )
     return _FedChunk(
         input_ids=input_ids.clone() if input_ids is not None else None,
         inputs_embeds=inputs_embeds.detach().clone() if input_ids is None else None,
         position_ids=position_ids.clone() if position_ids is not None else None,
         start=start,
+        other_inputs=other_inputs,
     )
 
 
-def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embedding_layer) -> RopeCacheUpdate:
+def prepare_rope_cache_update(
+    config, past_key_values, model_inputs: dict, embedding_layer, frequencies_per_row: bool = True
+) -> RopeCacheUpdate:
     """
     Checks a forward pass of a decoder model against the RoPE regime its cache was filled in, and applies the
     stale-cache policy. With `"recompute"`, a stale cache is reset in place and the inputs are extended with everything
@@ -603,6 +658,9 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
             `position_ids`, `attention_mask` and `cache_position` are read, and replaced when the prefix is recomputed.
         embedding_layer (`nn.Module`): the model's input embeddings, to embed recorded token ids when some inputs were
             given as embeddings.
+        frequencies_per_row (`bool`, *optional*, defaults to `True`): whether the model's rotary embedding gives each
+            row of a batch the frequencies of its own length (from its positions), or `False` when it chooses them
+            for the whole batch by the cache index.
 
     Returns:
         A `RopeCacheUpdate` whose `model_inputs` are the arguments for the forward pass. Its `commit` must be called
@@ -613,7 +671,7 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
         return RopeCacheUpdate(model_inputs)
     if past_key_values is None:
         # Nothing to check; `commit` records the pass only if the model creates a cache
-        return RopeCacheUpdate(model_inputs, config)
+        return RopeCacheUpdate(model_inputs, config, frequencies_per_row=frequencies_per_row)
 
     input_ids, inputs_embeds = model_inputs.get("input_ids"), model_inputs.get("inputs_embeds")
     position_ids, attention_mask = model_inputs.get("position_ids"), model_inputs.get("attention_mask")
@@ -622,9 +680,9 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
     record = RopeCacheRecord.of(past_key_values)
     cache_length = record.observe(past_key_values, config)
     chunk = _fed_chunk(model_inputs, start=cache_length)
-    regime = _needed_regime(config, record, cache_length, new_length, position_ids)
+    regime = _needed_regime(config, record, cache_length, new_length, position_ids, frequencies_per_row)
     if cache_length == 0 or record.regime == regime:
-        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime)
+        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime, frequencies_per_row=frequencies_per_row)
 
     if policy == "raise":
         raise _stale_cache_error(
@@ -632,10 +690,10 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
         )
     if policy == "warn":
         _warn_stale_cache(record, cache_length, new_length, regime, get_rope_type(config))
-        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime)
+        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime, frequencies_per_row=frequencies_per_row)
     if policy == "rerotate":
         rerotate_cached_keys(config, past_key_values, record, cache_length, regime)
-        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime)
+        return RopeCacheUpdate(model_inputs, config, record, [chunk], regime, frequencies_per_row=frequencies_per_row)
 
     if not record.inputs_are_known:
         raise _stale_cache_error(
@@ -643,8 +701,9 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
             cache_length,
             new_length,
             regime,
-            "It cannot be recomputed: the cache was cropped, reordered or filled outside the model, so the inputs "
-            "it holds are unknown. Run the whole sequence again without the cache (or with an empty one).",
+            f"It cannot be recomputed: {record.unknown_inputs_reason}, so the inputs it holds are unknown. Run the "
+            "whole sequence again (with all its inputs) without the cache, or through an empty one; `generate()` "
+            "does this itself.",
         )
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
         raise _stale_cache_error(
@@ -683,8 +742,9 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
         )
         if old != new
     ]
-    if len(changed_rows) < batch_size:
-        # Rows on both sides of the switch: only the rows that changed are recomputed
+    if len(changed_rows) < batch_size and not chunk.other_inputs:
+        # Rows on both sides of the switch: only the rows that changed are recomputed (by their text inputs alone,
+        # so not when other inputs come with these tokens; all rows are recomputed with them then)
         rows = torch.tensor(changed_rows, device=new_inputs.device)
         row_inputs = {"past_key_values": None, "use_cache": True}
         for name in ("input_ids", "inputs_embeds", "position_ids", "attention_mask"):
@@ -692,7 +752,13 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
         if model_inputs.get("cache_position") is not None:
             row_inputs["cache_position"] = model_inputs["cache_position"]
         return RopeCacheUpdate(
-            caller_inputs, config, record, [chunk], regime, row_recompute=(rows, row_inputs, cache_length)
+            caller_inputs,
+            config,
+            record,
+            [chunk],
+            regime,
+            row_recompute=(rows, row_inputs, cache_length),
+            frequencies_per_row=frequencies_per_row,
         )
 
     if isinstance(past_key_values, (tuple, list)):
@@ -700,10 +766,20 @@ def prepare_rope_cache_update(config, past_key_values, model_inputs: dict, embed
         model_inputs["past_key_values"] = None
     else:
         _reset_cache(past_key_values)
-    return RopeCacheUpdate(model_inputs, config, record, [*record.chunks, chunk], regime, prefix_length=cache_length)
+    return RopeCacheUpdate(
+        model_inputs,
+        config,
+        record,
+        [*record.chunks, chunk],
+        regime,
+        prefix_length=cache_length,
+        frequencies_per_row=frequencies_per_row,
+    )
 
 
-def split_inputs_at_rope_switch(config, model_inputs: dict, logits_to_keep_name: str | None) -> list[dict]:
+def split_inputs_at_rope_switch(
+    config, model_inputs: dict, logits_to_keep_name: str | None, frequencies_per_row: bool = True
+) -> list[dict]:
     """
     Splits a multi-token forward pass of a causal LM through a cache when the tokens whose logits it returns lie on
     both sides of a RoPE switch (a verification chunk in assisted decoding, a chunk of a hand-written loop). Decoding
@@ -717,6 +793,7 @@ def split_inputs_at_rope_switch(config, model_inputs: dict, logits_to_keep_name:
         model_inputs (`dict`): the keyword arguments of the forward pass.
         logits_to_keep_name (`str`, *optional*): the name of the forward pass's `logits_to_keep` argument
             (`num_logits_to_keep` in older releases), or `None` if it has none (it then returns every logit).
+        frequencies_per_row (`bool`, *optional*, defaults to `True`): as in `prepare_rope_cache_update`.
 
     Returns:
         A list of one or two dicts of forward-pass keyword arguments whose logits, concatenated, are the logits the
@@ -748,7 +825,7 @@ def split_inputs_at_rope_switch(config, model_inputs: dict, logits_to_keep_name:
     if first_kept_regime == rope_frequency_regime(config, cache_length + new_length):
         return [model_inputs]
     position_ids = model_inputs.get("position_ids")
-    if position_ids is None:
+    if position_ids is None or not frequencies_per_row:
         sequence_lengths = range(cache_length + 1, cache_length + new_length + 1)
     else:
         # Read once, at the switch: explicit positions may lag behind the index (left padding)
@@ -810,7 +887,7 @@ def _positional_parameter_names(method) -> list[str]:
     return [parameter.name for parameter in parameters if parameter.kind == parameter.POSITIONAL_OR_KEYWORD]
 
 
-def check_rope_cache(model_forward):
+def check_rope_cache(model_forward=None, *, frequencies_per_row: bool = True):
     """
     Decorator for the forward pass of a decoder model (`XxxModel.forward`) whose RoPE frequencies may depend on the
     sequence length. It applies the stale-cache policy to the cache the forward pass extends: with `"recompute"`, a
@@ -820,7 +897,12 @@ def check_rope_cache(model_forward):
     Models whose RoPE does not depend on the sequence length, and traced calls, go straight to `model_forward`.
     Legacy caches (tuples of per-layer `(key, value)` tuples), where the release accepts them, are followed from one
     returned tuple to the next.
+
+    Used as `@check_rope_cache`, or as `@check_rope_cache(frequencies_per_row=False)` for a model whose rotary
+    embedding chooses the frequencies of the whole batch by the cache index rather than each row's by its positions.
     """
+    if model_forward is None:
+        return partial(check_rope_cache, frequencies_per_row=frequencies_per_row)
     parameter_names = _positional_parameter_names(model_forward)
 
     @wraps(model_forward)
@@ -834,7 +916,7 @@ def check_rope_cache(model_forward):
             kwargs["return_dict"] = True
 
         rope_cache_update = prepare_rope_cache_update(
-            self.config, kwargs.get("past_key_values"), kwargs, self.get_input_embeddings()
+            self.config, kwargs.get("past_key_values"), kwargs, self.get_input_embeddings(), frequencies_per_row
         )
         rope_cache_update.recompute_rows(self, model_forward, kwargs.get("past_key_values"))
         outputs = model_forward(self, **rope_cache_update.model_inputs)
@@ -845,12 +927,15 @@ def check_rope_cache(model_forward):
     return wrapper
 
 
-def split_at_rope_switch(causal_lm_forward):
+def split_at_rope_switch(causal_lm_forward=None, *, frequencies_per_row: bool = True):
     """
     Decorator for the forward pass of a causal LM whose decoder uses `check_rope_cache`: a chunk whose returned
     logits lie on both sides of a RoPE switch runs as two forward passes (see `split_inputs_at_rope_switch`), so that
     each token's logits are those of the sequence ending at it, as in token-by-token decoding without cache.
+    `frequencies_per_row` is as in `check_rope_cache`.
     """
+    if causal_lm_forward is None:
+        return partial(split_at_rope_switch, frequencies_per_row=frequencies_per_row)
     parameter_names = _positional_parameter_names(causal_lm_forward)
     all_parameter_names = inspect.signature(causal_lm_forward).parameters
     logits_to_keep_name = next(
@@ -860,7 +945,7 @@ def split_at_rope_switch(causal_lm_forward):
     @wraps(causal_lm_forward)
     def wrapper(self, *args, **kwargs):
         kwargs.update(zip(parameter_names, args))
-        segments = split_inputs_at_rope_switch(self.config, kwargs, logits_to_keep_name)
+        segments = split_inputs_at_rope_switch(self.config, kwargs, logits_to_keep_name, frequencies_per_row)
         if len(segments) == 1:
             return causal_lm_forward(self, **kwargs)
 
@@ -879,7 +964,9 @@ def split_at_rope_switch(causal_lm_forward):
     return wrapper
 
 
-def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attention_mask, position_ids) -> str | None:
+def prepare_rope_cache_for_generation(
+    config, past_key_values, input_ids, attention_mask, position_ids, frequencies_per_row: bool = True
+) -> str | None:
     """
     Called by `generate()` before each forward pass, with the whole sequence so far, in eager mode (also when the
     forward pass itself is compiled).
@@ -890,7 +977,8 @@ def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attent
     When the coming forward pass needs other RoPE frequencies than the cache holds and the policy is `"recompute"`,
     returns what is recomputed: `"sequence"` when the cache has been reset in place and the caller feeds the whole
     sequence through it, `"rows"` when only some rows of the batch change and the forward pass recomputes those (it
-    then needs the 2D attention mask). Returns `None` otherwise.
+    then needs the 2D attention mask). Returns `None` otherwise. `frequencies_per_row` is as in
+    `prepare_rope_cache_update`.
     """
     policy = _enforced_stale_cache_policy(config)
     if past_key_values is None or policy is None:
@@ -915,8 +1003,8 @@ def prepare_rope_cache_for_generation(config, past_key_values, input_ids, attent
     new_length = input_ids.shape[1] - cache_length
     new_positions = positions[..., cache_length:] if positions is not None else None
     first_positions = new_positions[..., :1] if new_positions is not None else None
-    first_regime = _needed_regime(config, record, cache_length, 1, first_positions)
-    last_regime = _needed_regime(config, record, cache_length, new_length, new_positions)
+    first_regime = _needed_regime(config, record, cache_length, 1, first_positions, frequencies_per_row)
+    last_regime = _needed_regime(config, record, cache_length, new_length, new_positions, frequencies_per_row)
     if policy != "recompute" or record.regime == first_regime == last_regime:
         # `forward` applies the other policies
         return None
@@ -961,14 +1049,17 @@ def _whole_sequence_inputs(model_inputs: dict, input_ids, attention_mask, positi
     return model_inputs
 
 
-def check_rope_cache_in_generation(prepare_inputs_for_generation):
+def check_rope_cache_in_generation(prepare_inputs_for_generation=None, *, frequencies_per_row: bool = True):
     """
     Decorator for `prepare_inputs_for_generation` of models whose decoder uses `check_rope_cache`. On a step where
     the cache holds other RoPE frequencies than the coming forward pass needs, it resets the cache in place and feeds
     the whole sequence (like upstream's drop of the cache, but in the caller's cache object and on every path: beam
     search, assisted decoding, static caches, the reverse switch after a crop). This happens here, in eager mode, so
-    that a compiled forward pass never has to. See `prepare_rope_cache_for_generation`.
+    that a compiled forward pass never has to. See `prepare_rope_cache_for_generation`; `frequencies_per_row` is as in
+    `check_rope_cache`.
     """
+    if prepare_inputs_for_generation is None:
+        return partial(check_rope_cache_in_generation, frequencies_per_row=frequencies_per_row)
     parameter_names = _positional_parameter_names(prepare_inputs_for_generation)
 
     @wraps(prepare_inputs_for_generation)
@@ -982,7 +1073,7 @@ def check_rope_cache_in_generation(prepare_inputs_for_generation):
         recomputed = None
         if named.get("inputs_embeds") is None:
             recomputed = prepare_rope_cache_for_generation(
-                self.config, named.get("past_key_values"), input_ids, attention_mask, position_ids
+                self.config, named.get("past_key_values"), input_ids, attention_mask, position_ids, frequencies_per_row
             )
         model_inputs = prepare_inputs_for_generation(self, *args, **kwargs)
         if recomputed == "sequence":

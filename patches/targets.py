@@ -19,6 +19,7 @@ implementation instead of Phi-3's own, whose only addition is dropping the cache
 
 import inspect
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -165,7 +166,7 @@ def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
     ]
 
 
-def _generation_binding(causal_lm: type, upstream_attribute: UpstreamAttribute) -> Binding:
+def _generation_binding(causal_lm: type, upstream_attribute: UpstreamAttribute, frequencies_per_row: bool) -> Binding:
     """`prepare_inputs_for_generation`, decorated: the class's own, or the generic one in place of a cache drop."""
     name = f"{causal_lm.__name__}.prepare_inputs_for_generation"
     own = upstream_attribute(causal_lm, "prepare_inputs_for_generation")
@@ -182,7 +183,8 @@ def _generation_binding(causal_lm: type, upstream_attribute: UpstreamAttribute) 
             owner=causal_lm,
             attribute="prepare_inputs_for_generation",
             replacement=lambda original: check_rope_cache_in_generation(
-                _inherited_attribute(causal_lm, "prepare_inputs_for_generation")
+                _inherited_attribute(causal_lm, "prepare_inputs_for_generation"),
+                frequencies_per_row=frequencies_per_row,
             ),
             check=check,
         )
@@ -191,24 +193,30 @@ def _generation_binding(causal_lm: type, upstream_attribute: UpstreamAttribute) 
         name=name,
         owner=causal_lm,
         attribute="prepare_inputs_for_generation",
-        replacement=check_rope_cache_in_generation,
+        replacement=partial(check_rope_cache_in_generation, frequencies_per_row=frequencies_per_row),
         check=all_checks(
             expect_parameters(V4_44_PREPARE_INPUTS_PARAMETERS), expect_source("input_ids[:, cache_position]")
         ),
     )
 
 
-def cache_bindings(decoder: type, causal_lm: type, upstream_attribute: UpstreamAttribute) -> list[Binding]:
-    """The stale-cache policy in a decoder model, its causal LM and `generate()`."""
+def cache_bindings(
+    decoder: type, causal_lm: type, upstream_attribute: UpstreamAttribute, frequencies_per_row: bool = True
+) -> list[Binding]:
+    """
+    The stale-cache policy in a decoder model, its causal LM and `generate()`. `frequencies_per_row` is `False` for a
+    model whose rotary embedding chooses the frequencies of the whole batch by the cache index (see
+    `check_rope_cache`).
+    """
     bindings = [
         Binding(
             name=f"{decoder.__name__}.forward",
             owner=decoder,
             attribute="forward",
-            replacement=check_rope_cache,
+            replacement=partial(check_rope_cache, frequencies_per_row=frequencies_per_row),
             check=_decoder_forward_check,
         ),
-        _generation_binding(causal_lm, upstream_attribute),
+        _generation_binding(causal_lm, upstream_attribute, frequencies_per_row),
     ]
     causal_lm_forward = upstream_attribute(causal_lm, "forward")
     if causal_lm.__name__ == "Phi3ForCausalLM" and V4_46_SWITCH_WARNING in _source(causal_lm_forward):
@@ -233,7 +241,7 @@ def cache_bindings(decoder: type, causal_lm: type, upstream_attribute: UpstreamA
                 name=f"{causal_lm.__name__}.forward",
                 owner=causal_lm,
                 attribute="forward",
-                replacement=split_at_rope_switch,
+                replacement=partial(split_at_rope_switch, frequencies_per_row=frequencies_per_row),
                 check=_causal_lm_forward_check,
             )
         )
@@ -255,9 +263,15 @@ def phi3_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upstre
     return bindings
 
 
-STANDARD_ROPE_MODELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+STANDARD_ROPE_MODELS = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "phi4_multimodal": "Phi4Multimodal",
+}
 """Models whose rotary embedding is the standard one (`XxxRotaryEmbedding(config)`, any `rope_type`): a config may
-give them longrope or dynamic NTK, and upstream keeps their caches for neither."""
+give them longrope or dynamic NTK, and upstream keeps their caches for neither (Phi-4-multimodal, from 4.51, is
+longrope and drops the cache at the switch in `generate()` only, as Phi-3 does)."""
 
 
 def _standard_rotary_binding(rotary_embedding: type) -> Binding:
@@ -305,21 +319,24 @@ def standard_rope_model_bindings(
 
 def phimoe_bindings(stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute) -> list[Binding]:
     """
-    Bindings for PhiMoE from 5.0, whose rotary `forward` recomputes the short frequencies at every call (it never
-    switches to the long ones) and picks its scale with a device->host synchronisation.
+    Bindings for PhiMoE, whose rotary embedding took two shapes:
+
+    - 4.46 to 4.57: `forward(x, seq_len)` builds a table for the batch's first `seq_len` positions, choosing the
+      factors by `seq_len` with a device->host synchronisation (and, before 4.51, one token early). It is called
+      without positions, so the choice stays batch-wide; the caches follow that (`frequencies_per_row=False`).
+    - 5.x: `forward(x, position_ids)` recomputes the short frequencies at every call, so it never switches to the
+      long ones, and picks its scale with a device->host synchronisation.
     """
     try:
         from transformers.models.phimoe import modeling_phimoe
     except ImportError:
         return []
     rotary_embedding = modeling_phimoe.PhimoeRotaryEmbedding
-    if "self.rope_init_fn(self.config)" not in _source(upstream_attribute(rotary_embedding, "forward")):
-        # 4.46 to 4.57 have another PhiMoE (a rotary embedding per attention layer, a switch warning): not covered
-        return []
-    from modeling_overrides.models.phimoe import modeling_phimoe as phimoe_overrides
+    rotary_forward = upstream_attribute(rotary_embedding, "forward")
+    if "position_ids" in inspect.signature(rotary_forward).parameters:
+        from modeling_overrides.models.phimoe import modeling_phimoe as phimoe_overrides
 
-    bindings = [
-        Binding(
+        rotary_binding = Binding(
             name="PhimoeRotaryEmbedding.forward",
             owner=rotary_embedding,
             attribute="forward",
@@ -329,9 +346,28 @@ def phimoe_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upst
                 expect_source("self.rope_init_fn(self.config)", "long_mscale", "short_mscale"),
             ),
         )
-    ]
+        frequencies_per_row = True
+    else:
+        from modeling_overrides.models.phimoe import modeling_phimoe_v4_57 as phimoe_overrides
+
+        rotary_binding = Binding(
+            name="PhimoeRotaryEmbedding.forward",
+            owner=rotary_embedding,
+            attribute="forward",
+            replacement=lambda original: phimoe_overrides.PhimoeRotaryEmbedding.forward,
+            check=all_checks(
+                expect_parameters(["self", "x", "seq_len"]),
+                expect_source(
+                    "self.rope_init_fn(self.config, x.device, seq_len)", "long_mscale", "torch.arange(seq_len"
+                ),
+            ),
+        )
+        frequencies_per_row = False
+    bindings = [rotary_binding]
     if _tracks_any_cache(stale_cache_policy):
-        bindings += cache_bindings(modeling_phimoe.PhimoeModel, modeling_phimoe.PhimoeForCausalLM, upstream_attribute)
+        bindings += cache_bindings(
+            modeling_phimoe.PhimoeModel, modeling_phimoe.PhimoeForCausalLM, upstream_attribute, frequencies_per_row
+        )
     return bindings
 
 

@@ -23,19 +23,19 @@ class PhimoeRotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update  # power user: used with advanced RoPE types (e.g. dynamic rope)
     def forward(self, x, position_ids=None):
-        # `dynamic_rope_update` has set `inv_freq` to the short or the long factors by the sequence length; the
-        # frequencies used to be recomputed here at every call, always the short ones. The scale follows the same
-        # rule, chosen on the device (no device->host synchronisation).
+        # `dynamic_rope_update` has set `inv_freq` to the short or the long factors by the sequence length (of each
+        # row, in a batch); the frequencies used to be recomputed here at every call, always the short ones. The scale
+        # follows the same rule, chosen on the device (no device->host synchronisation).
         mscale = self.attention_scaling
         rope_parameters = self.config.rope_parameters
         if rope_parameters["rope_type"] != "default":
-            sequence_length = torch.max(position_ids) + 1
-            uses_long_factors = sequence_length > rope_parameters["original_max_position_embeddings"]
+            row_lengths = position_ids.amax(dim=-1) + 1
+            uses_long_factors = row_lengths > rope_parameters["original_max_position_embeddings"]
             mscale = torch.where(
                 uses_long_factors,
                 torch.tensor(rope_parameters["long_mscale"], dtype=torch.float, device=x.device),
                 torch.tensor(rope_parameters["short_mscale"], dtype=torch.float, device=x.device),
-            )
+            )[:, None, None]
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * mscale

@@ -11,8 +11,9 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Testing PhiMoE's longrope switch and its KV cache (transformers 5.x)."""
+"""Testing PhiMoE's longrope switch and its KV cache."""
 
+import math
 import unittest
 
 import torch
@@ -28,6 +29,8 @@ from ...cache_consistency_utils import (
     TRANSFORMERS_VERSION,
     generate_errors,
     hand_written_loop_errors,
+    left_padded_batch,
+    left_padded_generate_row_errors,
     new_cache,
     random_tokens,
 )
@@ -41,51 +44,69 @@ def tiny_phimoe_model(seed: int = 0):
     from transformers import PhimoeConfig, PhimoeForCausalLM
 
     head_dim = TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"]
+    rope_settings = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
+        "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
+        "short_mscale": SHORT_MSCALE,
+        "long_mscale": LONG_MSCALE,
+        "original_max_position_embeddings": SWITCH_POINT,
+    }
+    if TRANSFORMERS_VERSION.major >= 5:
+        rope_arguments = {"rope_parameters": {**rope_settings, "rope_theta": 10000.0}}
+    else:
+        rope_arguments = {"rope_scaling": rope_settings, "rope_theta": 10000.0}
     config = PhimoeConfig(
         **TINY_DECODER,
         num_local_experts=2,
         num_experts_per_tok=2,
         max_position_embeddings=4 * SWITCH_POINT,
         original_max_position_embeddings=SWITCH_POINT,
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
-            "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
-            "short_mscale": SHORT_MSCALE,
-            "long_mscale": LONG_MSCALE,
-            "original_max_position_embeddings": SWITCH_POINT,
-        },
+        **rope_arguments,
         attn_implementation="eager",
     )
     torch.manual_seed(seed)
     return PhimoeForCausalLM(config).eval()
 
 
+ROTARY_TAKES_POSITIONS = TRANSFORMERS_VERSION.major >= 5
+"""From 5.0 PhiMoE's rotary embedding takes positions and can rotate each row by its own length; from 4.46 to 4.57 it
+builds one table for the batch's first `seq_len` positions, so the factors are chosen for the whole batch."""
+
+
 @require_torch
-@unittest.skipIf(TRANSFORMERS_VERSION.major < 5, "PhiMoE of 4.46-4.57 is not covered yet")
 class PhimoeLongRopeTest(unittest.TestCase):
     def setUp(self):
         self.model = tiny_phimoe_model()
 
-    def rotary_outputs(self, length: int):
+    def rotary_cos(self, length: int) -> torch.Tensor:
+        """The cosines of positions `0..length-1` in a sequence of `length` tokens, `(length, head_dim)`."""
         rotary_embedding = self.model.model.rotary_emb
         hidden = torch.zeros(1, length, TINY_DECODER["hidden_size"])
-        return rotary_embedding(hidden, position_ids=torch.arange(length)[None])
+        if ROTARY_TAKES_POSITIONS:
+            return rotary_embedding(hidden, position_ids=torch.arange(length)[None])[0][0]
+        return rotary_embedding(hidden, seq_len=torch.tensor(length))[0]
 
+    def assertMatchesNoCache(self, errors):
+        self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
+
+    @unittest.skipUnless(ROTARY_TAKES_POSITIONS, "4.46-4.57 switch the factors, by the cache index")
     def test_upstream_never_switches_to_the_long_factors(self):
-        short_cos, _ = self.rotary_outputs(SWITCH_POINT)
-        long_cos, _ = self.rotary_outputs(SWITCH_POINT + 1)
+        short_cos, long_cos = self.rotary_cos(SWITCH_POINT), self.rotary_cos(SWITCH_POINT + 1)
         # Same frequencies, only the scale changes: the position-1 angle is the same at both lengths
-        torch.testing.assert_close(short_cos[0, 1] / SHORT_MSCALE, long_cos[0, 1] / LONG_MSCALE)
+        torch.testing.assert_close(short_cos[1] / SHORT_MSCALE, long_cos[1] / LONG_MSCALE)
 
     def test_short_factors_up_to_the_switch_and_long_factors_beyond(self):
+        # Exactly at the switch point the short ones: 4.46-4.50 took the long factors (with the short scale) there
         with patches.applied():
-            short_cos, _ = self.rotary_outputs(SWITCH_POINT)
-            long_cos, _ = self.rotary_outputs(SWITCH_POINT + 1)
-        self.assertAlmostEqual(short_cos[0, 0, 0].item(), SHORT_MSCALE, places=6)
-        self.assertAlmostEqual(long_cos[0, 0, 0].item(), LONG_MSCALE, places=6)
-        self.assertFalse(torch.allclose(short_cos[0, 1] / SHORT_MSCALE, long_cos[0, 1] / LONG_MSCALE))
+            short_cos, long_cos = self.rotary_cos(SWITCH_POINT), self.rotary_cos(SWITCH_POINT + 1)
+        self.assertAlmostEqual(short_cos[0, 0].item(), SHORT_MSCALE, places=6)
+        self.assertAlmostEqual(long_cos[0, 0].item(), LONG_MSCALE, places=6)
+        position_one_angle = (
+            1.0 / (self.model.config.rope_scaling or self.model.config.rope_parameters)["short_factor"][0]
+        )
+        self.assertAlmostEqual(short_cos[1, 0].item(), SHORT_MSCALE * math.cos(position_one_angle), places=5)
+        self.assertFalse(torch.allclose(short_cos[1] / SHORT_MSCALE, long_cos[1] / LONG_MSCALE))
 
     @parameterized.expand([("dynamic", "dynamic", 1), ("static", "static", 1), ("chunks", "dynamic", 3)])
     def test_hand_written_loop_matches_no_cache(self, _, cache_kind, chunk_size):
@@ -97,9 +118,30 @@ class PhimoeLongRopeTest(unittest.TestCase):
                 past_key_values=new_cache(cache_kind, self.model.config),
                 chunk_size=chunk_size,
             )
-        self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
+        self.assertMatchesNoCache(errors)
+
+    def test_upstream_hand_written_loop_is_stale(self):
+        errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 4), SWITCH_POINT - 2)
+        self.assertGreater(max(errors), 0.1)
 
     def test_generate_matches_no_cache(self):
         with patches.applied():
             _, errors = generate_errors(self.model, random_tokens(SWITCH_POINT - 3), max_new_tokens=8, do_sample=False)
-        self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
+        self.assertMatchesNoCache(errors)
+
+    @unittest.skipUnless(ROTARY_TAKES_POSITIONS, "4.46-4.57 choose the factors for the whole batch")
+    def test_each_row_of_a_left_padded_batch_matches_that_row_alone(self):
+        with patches.applied():
+            errors = left_padded_generate_row_errors(self.model)
+        self.assertMatchesNoCache(errors)
+
+    @unittest.skipIf(ROTARY_TAKES_POSITIONS, "5.x rotates each row by its own length (tested above)")
+    def test_left_padded_batch_matches_the_batch_without_cache(self):
+        # 4.46-4.57: the factors are the batch's, chosen by the cache index, with and without a cache alike; the
+        # patch keeps that rule and makes the cached batch equal the same padded batch run without cache
+        prompt, attention_mask = left_padded_batch(padding=6)
+        with patches.applied():
+            _, errors = generate_errors(
+                self.model, prompt, attention_mask=attention_mask, max_new_tokens=12, do_sample=False
+            )
+        self.assertMatchesNoCache(errors)

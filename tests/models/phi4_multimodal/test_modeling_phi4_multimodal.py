@@ -1,0 +1,138 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Testing the longrope switch of Phi-4-multimodal's text model and its KV cache."""
+
+import unittest
+
+import torch
+from parameterized import parameterized
+
+import patches
+from modeling_overrides.rope_cache_utils import StaleRopeCacheError
+from transformers.testing_utils import require_torch
+
+from ...cache_consistency_utils import (
+    FP32_TOLERANCE,
+    SWITCH_POINT,
+    TINY_DECODER,
+    _rope_config,
+    generate_errors,
+    hand_written_loop_errors,
+    left_padded_generate_row_errors,
+    new_cache,
+    random_tokens,
+)
+
+
+try:
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+except ImportError:  # before 4.51
+    Phi4MultimodalConfig = Phi4MultimodalForCausalLM = None
+
+TINY_IMAGE_SIZE = 28
+
+
+def tiny_phi4_multimodal_model(seed: int = 0):
+    """A two-layer Phi-4-multimodal with one-layer image and audio encoders; longrope switches after `SWITCH_POINT`."""
+    head_dim = TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"]
+    config = Phi4MultimodalConfig(
+        **TINY_DECODER,
+        **_rope_config("longrope", SWITCH_POINT, head_dim),
+        max_position_embeddings=4 * SWITCH_POINT,
+        original_max_position_embeddings=SWITCH_POINT,
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": TINY_IMAGE_SIZE,
+            "patch_size": 14,
+            "crop_size": TINY_IMAGE_SIZE,
+        },
+        audio_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_blocks": 1,
+            "num_attention_heads": 2,
+            "ext_pw_out_channel": 16,
+            "depthwise_separable_out_channel": 16,
+            "nemo_conv_channels": 16,
+        },
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return Phi4MultimodalForCausalLM(config).eval()
+
+
+def image_inputs() -> dict:
+    """Inputs of one blank image, given with text that holds no image token (the image changes no embedding)."""
+    return {
+        "image_pixel_values": torch.zeros(1, 1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE),
+        "image_sizes": torch.tensor([[TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]]),
+        "image_attention_mask": torch.ones(1, 1, 2, 2),
+    }
+
+
+@require_torch
+@unittest.skipIf(Phi4MultimodalForCausalLM is None, "Phi-4-multimodal arrived in transformers 4.51")
+class Phi4MultimodalLongRopeTest(unittest.TestCase):
+    def setUp(self):
+        self.model = tiny_phi4_multimodal_model()
+
+    def assertMatchesNoCache(self, errors):
+        self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
+
+    @parameterized.expand([("dynamic", "dynamic", 1), ("static", "static", 1), ("chunks", "dynamic", 3)])
+    def test_hand_written_loop_matches_no_cache(self, _, cache_kind, chunk_size):
+        with patches.applied():
+            errors, _ = hand_written_loop_errors(
+                self.model,
+                random_tokens(SWITCH_POINT + 8),
+                SWITCH_POINT - 4,
+                past_key_values=new_cache(cache_kind, self.model.config),
+                chunk_size=chunk_size,
+            )
+        self.assertMatchesNoCache(errors)
+
+    def test_upstream_hand_written_loop_is_stale(self):
+        errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 4), SWITCH_POINT - 2)
+        self.assertGreater(max(errors), 0.1)
+
+    def test_generate_matches_no_cache(self):
+        with patches.applied():
+            _, errors = generate_errors(self.model, random_tokens(SWITCH_POINT - 3), max_new_tokens=8, do_sample=False)
+        self.assertMatchesNoCache(errors)
+
+    def test_generate_with_image_inputs_matches_no_cache(self):
+        # `generate()` passes the image inputs at every step: its refeed at the switch has them all
+        with patches.applied():
+            _, errors = generate_errors(
+                self.model, random_tokens(SWITCH_POINT - 3), max_new_tokens=8, do_sample=False, **image_inputs()
+            )
+        self.assertMatchesNoCache(errors)
+
+    def test_each_row_of_a_left_padded_batch_matches_that_row_alone(self):
+        with patches.applied():
+            errors = left_padded_generate_row_errors(self.model)
+        self.assertMatchesNoCache(errors)
+
+    @torch.no_grad()
+    def test_recompute_refuses_a_cache_filled_with_image_inputs(self):
+        # The record keeps token ids, not images: it cannot feed the prefix again as it was fed, and says so
+        input_ids = random_tokens(SWITCH_POINT + 1)
+        with patches.applied():
+            cache = new_cache("dynamic", self.model.config)
+            self.model(input_ids[:, :SWITCH_POINT], past_key_values=cache, **image_inputs())
+            with self.assertRaisesRegex(StaleRopeCacheError, "`image_pixel_values`.*does not keep"):
+                self.model(input_ids[:, SWITCH_POINT:], past_key_values=cache)
