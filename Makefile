@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 TRANSFORMERS_VERSION ?= 5.23.0
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo compare-strategies test test-matrix test-slow style quality
+.PHONY: install demo compare-strategies diff test test-matrix test-slow style quality
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: install
 compare-strategies: install
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) scripts/compare_strategies.py --output-dir out/strategies
+
+# The upstream pull request: a diff from modeling_overrides/ against the installed release (or TRANSFORMERS_SRC, a
+# checkout), verified by applying it to a copy and running its checks and tests, and its description, under out/pr/.
+diff: install
+	$(PY) scripts/make_pr_diff.py --verify $(if $(TRANSFORMERS_SRC),--transformers-src $(TRANSFORMERS_SRC))
 
 test: install
 	$(PY) -m pytest tests -q

@@ -1,0 +1,146 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+The upstream pull-request diff, verified: made from `modeling_overrides/` against a pristine tree of the installed
+release, applied with `git apply`, checked as upstream's CI would, and its tests run against the patched transformers
+with the run-time patches not imported. No network.
+"""
+
+import ast
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+from modeling_overrides import modeling_rope_utils, rope_cache_utils
+from upstream_pr.description import describe
+from upstream_pr.diff import build_pristine_tree, planned_texts, unified_diff
+from upstream_pr.plan import UnrecognisedTreeError, make_plan
+from upstream_pr.pr_tests import merge_test_module
+from upstream_pr.source_edits import function_source
+from upstream_pr.verify import verify
+
+from .cache_consistency_utils import TRANSFORMERS_VERSION
+
+
+MADE_FOR_INSTALLED_RELEASE = TRANSFORMERS_VERSION.major == 5
+
+
+class PullRequestDiffTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = Path(tempfile.mkdtemp(prefix="pr-diff-"))
+        cls.tree = build_pristine_tree(cls.workdir / "pristine")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def test_refuses_a_tree_it_does_not_recognise(self):
+        with self.assertRaisesRegex(UnrecognisedTreeError, "not a transformers source tree"):
+            make_plan(self.workdir)
+        older = self.workdir / "older"
+        (older / "src" / "transformers").mkdir(parents=True)
+        (older / "src" / "transformers" / "__init__.py").write_text('__version__ = "4.57.6"\n', encoding="utf-8")
+        with self.assertRaisesRegex(
+            UnrecognisedTreeError, r"transformers 4\.57\.6; the pull-request diff is made for"
+        ):
+            make_plan(older)
+
+    @unittest.skipIf(MADE_FOR_INSTALLED_RELEASE, "the installed release is one the diff is made for (tested below)")
+    def test_refuses_the_installed_release(self):
+        with self.assertRaisesRegex(UnrecognisedTreeError, f"transformers {TRANSFORMERS_VERSION}"):
+            make_plan(self.tree)
+
+
+@unittest.skipUnless(MADE_FOR_INSTALLED_RELEASE, f"the diff is made for 5.x trees, not {TRANSFORMERS_VERSION}")
+class InstalledReleaseDiffTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = Path(tempfile.mkdtemp(prefix="pr-diff-"))
+        cls.tree = build_pristine_tree(cls.workdir / "pristine")
+        cls.plans = make_plan(cls.tree)
+        cls.texts = planned_texts(cls.tree, cls.plans)
+        cls.diff = unified_diff(cls.texts)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def test_same_bytes_twice(self):
+        self.assertEqual(unified_diff(planned_texts(self.tree)), self.diff)
+
+    def test_touches_what_an_upstream_pull_request_touches(self):
+        paths = set(self.texts)
+        for path in (
+            "src/transformers/modeling_rope_utils.py",
+            "src/transformers/rope_cache_utils.py",
+            "src/transformers/models/phi3/modular_phi3.py",
+            "src/transformers/models/phi3/modeling_phi3.py",
+            "src/transformers/models/phimoe/modular_phimoe.py",
+            "src/transformers/models/phimoe/modeling_phimoe.py",
+            "src/transformers/models/phi4_multimodal/modeling_phi4_multimodal.py",
+            "src/transformers/models/llama/modeling_llama.py",
+            "tests/models/phi3/test_modeling_phi3.py",
+            "tests/models/llama/test_modeling_llama.py",
+        ):
+            self.assertIn(path, paths)
+        # Upstream's drop of the cache is gone from every model that had it
+        for path, (_, after) in self.texts.items():
+            if path.startswith("src/"):
+                self.assertNotIn("past_key_values = None\n                kwargs", after, path)
+
+    def test_transplanted_code_is_the_code_of_modeling_overrides(self):
+        _, rope_utils = self.texts["src/transformers/modeling_rope_utils.py"]
+        for function in (modeling_rope_utils.longrope_frequency_update, modeling_rope_utils.dynamic_rope_update):
+            self.assertIn(function_source(function), rope_utils)
+        _, rope_cache = self.texts["src/transformers/rope_cache_utils.py"]
+        for function in (rope_cache_utils.prepare_rope_cache_update, rope_cache_utils.check_rope_cache):
+            self.assertIn(function_source(function), rope_cache)
+        self.assertNotIn("from transformers.", rope_cache)
+        for path, (_, after) in self.texts.items():
+            ast.parse(after, filename=path)
+
+    def test_verifies(self):
+        report = verify(self.tree, self.workdir, self.texts)
+        self.assertEqual(report.apply_error, "")
+        self.assertEqual(report.modular_problems, [])
+        self.assertEqual(report.new_ruff_findings, [])
+        self.assertTrue(report.transformers_imported_from.startswith(str(self.workdir / "patched")))
+        self.assertEqual(report.tests_returncode, 0, report.tests_summary)
+        self.assertRegex(report.tests_summary, r"^\d+ passed")
+
+    def test_description(self):
+        description = describe(self.tree, self.workdir / "no-figures", self.plans)
+        self.assertIn("## Problem", description)
+        self.assertIn("`src/transformers/models/phi3/modular_phi3.py`", description)
+        self.assertIn("Phi3LongRopeCacheTest", description)
+        self.assertIn("make compare-strategies", description)
+
+
+class MergeTestModuleTest(unittest.TestCase):
+    def test_merges_into_an_existing_upstream_test_file(self):
+        existing = (
+            "import unittest\n\nfrom transformers import is_torch_available\n\n\n"
+            "class Phi3ModelTest(unittest.TestCase):\n    pass\n"
+        )
+        module = (
+            "import unittest\n\nfrom parameterized import parameterized\n\n\n"
+            "class NewTest(unittest.TestCase):\n    pass\n"
+        )
+        merged = merge_test_module(existing, module)
+        self.assertEqual(merged.count("import unittest"), 1)
+        self.assertLess(merged.index("from parameterized"), merged.index("class Phi3ModelTest"))
+        self.assertTrue(merged.rstrip().endswith("class NewTest(unittest.TestCase):\n    pass"))
+        ast.parse(merged)

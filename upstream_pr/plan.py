@@ -1,0 +1,332 @@
+"""
+What an upstream pull request changes in a transformers source tree, read from `modeling_overrides/`.
+
+The plan is made for the tree it is given, by reading it: the shared RoPE utilities get the frequency updates of
+`modeling_overrides/modeling_rope_utils.py`, a new `rope_cache_utils.py` is `modeling_overrides/rope_cache_utils.py`,
+and every model class that carries a copy of a decoder or causal LM `forward` of the covered models (in its modeling
+file, and in its modular file where that defines it) gets the decorators, the checked `prepare_inputs_for_generation`
+and, for PhiMoE, its rotary `forward`. A copy is recognised as upstream's "Copied from" check does: the same source
+once the model's name is replaced.
+"""
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.version import Version
+
+from modeling_overrides import modeling_rope_utils, rope_cache_utils
+
+from .source_edits import (
+    AddDecorator,
+    AddMethod,
+    AddRelativeImport,
+    ReplaceFunction,
+    ReplaceMethod,
+    find_class,
+    find_function,
+    function_source,
+)
+
+
+OVERRIDES = Path(modeling_rope_utils.__file__).parent
+SUPPORTED_RELEASES = ">=5.0,<6"
+"""Releases whose trees the diff is made for. Older releases have other RoPE code (see `patches/targets.py`)."""
+
+COVERED_MODELS = {
+    "phi3": "Phi3",
+    "phimoe": "Phimoe",
+    "phi4_multimodal": "Phi4Multimodal",
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+}
+"""The models the run-time patches cover (`patches/targets.py`), whose decoder and causal LM define the copies."""
+
+ROPE_UTILITY_FUNCTIONS = (
+    "get_rope_type",
+    "get_longrope_switch_point",
+    "longrope_uses_long_factors",
+    "inverse_frequencies",
+    "longrope_frequency_update",
+    "dynamic_frequency_update",
+    "longrope_forward_per_row",
+    "dynamic_rope_update",
+)
+"""The functions of `modeling_overrides/modeling_rope_utils.py`, in the order they take `dynamic_rope_update`'s place."""
+
+CACHE_DROP_MARKERS = ("past_key_values = None", "original_max_position_embeddings")
+"""What upstream's `prepare_inputs_for_generation` override that drops the cache at the longrope switch contains."""
+
+
+class UnrecognisedTreeError(ValueError):
+    """The tree is not a transformers source tree of a release the diff is made for."""
+
+
+@dataclass
+class FilePlan:
+    """The edits of one file (applied in order), or the whole text of a new file."""
+
+    path: str
+    edits: list = field(default_factory=list)
+    new_text: str | None = None
+
+    def describe(self) -> list[str]:
+        if self.new_text is not None:
+            return ["new file"]
+        return [_describe_edit(edit) for edit in self.edits if not isinstance(edit, AddRelativeImport)]
+
+
+def _describe_edit(edit) -> str:
+    if isinstance(edit, AddDecorator):
+        return f"`{edit.class_name}.{edit.method_name}`: `@{edit.decorator}`"
+    if isinstance(edit, ReplaceFunction):
+        return f"`{edit.name}` and the frequency updates it calls"
+    if isinstance(edit, AddMethod):
+        return f"`{edit.class_name}.{edit.method_name}`: checked generic version"
+    return f"`{edit.class_name}.{edit.method_name}`: replaced"
+
+
+def read_release(tree: Path) -> Version:
+    """The transformers release of a source tree in the upstream layout (`src/transformers/__init__.py`)."""
+    init = tree / "src" / "transformers" / "__init__.py"
+    if not init.is_file():
+        raise UnrecognisedTreeError(
+            f"{tree} is not a transformers source tree: {init.relative_to(tree)} is missing (expected the upstream "
+            "layout, `src/transformers/...` and `tests/...`)"
+        )
+    match = re.search(r'^__version__ = "([^"]+)"', init.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    if match is None:
+        raise UnrecognisedTreeError(f"{init} does not set `__version__`")
+    return Version(match.group(1))
+
+
+def member_source(path: Path, class_name: str, member_name: str) -> str:
+    """
+    The source of a class member in a file of `modeling_overrides/` (a method with its decorators, or an attribute
+    with the comment lines just above it), dedented to column 0.
+    """
+    text = path.read_text(encoding="utf-8")
+    class_node = find_class(ast.parse(text), class_name)
+    member = next(
+        node
+        for node in class_node.body
+        if (isinstance(node, ast.FunctionDef) and node.name == member_name)
+        or (
+            isinstance(node, ast.Assign) and any(getattr(target, "id", None) == member_name for target in node.targets)
+        )
+    )
+    lines = text.splitlines(keepends=True)
+    start = min([member.lineno, *(decorator.lineno for decorator in getattr(member, "decorator_list", []))]) - 1
+    while start > 0 and lines[start - 1].strip().startswith("#"):
+        start -= 1
+    source = "".join(lines[start : member.end_lineno])
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    return "".join(line[indent:] if line.strip() else line for line in source.splitlines(keepends=True))
+
+
+def _method_text(text: str, node: ast.FunctionDef) -> str:
+    lines = text.splitlines(keepends=True)
+    start = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)]) - 1
+    return "".join(lines[start : node.end_lineno])
+
+
+def normalized(source: str, model_prefix: str) -> str:
+    """`source` with the model's name replaced, as upstream's copy checks compare code."""
+    for name in (model_prefix, model_prefix.lower(), model_prefix.upper()):
+        source = source.replace(name, "<model>")
+    return source
+
+
+def _model_prefix(class_name: str, suffix: str) -> str | None:
+    return class_name[: -len(suffix)] if class_name.endswith(suffix) and len(class_name) > len(suffix) else None
+
+
+@dataclass(frozen=True)
+class _Role:
+    """A method the pull request changes wherever a copy of it stands: the class suffix, and the decorator it gets."""
+
+    class_suffix: str
+    decorator: str
+
+
+DECODER_FORWARD = _Role("Model", rope_cache_utils.check_rope_cache.__name__)
+CAUSAL_LM_FORWARD = _Role("ForCausalLM", rope_cache_utils.split_at_rope_switch.__name__)
+
+
+def _reference_forwards(models_dir: Path, role: _Role) -> set[str]:
+    """The normalized `forward` of `role`'s class in each covered model: what a copy looks like."""
+    references = set()
+    for module_name, prefix in COVERED_MODELS.items():
+        path = models_dir / module_name / f"modeling_{module_name}.py"
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        class_node = find_class(ast.parse(text), prefix + role.class_suffix)
+        forward = find_function(class_node.body, "forward") if class_node is not None else None
+        if forward is not None:
+            references.add(normalized(_method_text(text, forward), prefix))
+    return references
+
+
+def _model_files(models_dir: Path) -> list[Path]:
+    files = []
+    for model_dir in sorted(path for path in models_dir.iterdir() if path.is_dir()):
+        for kind in ("modeling", "modular"):
+            path = model_dir / f"{kind}_{model_dir.name}.py"
+            if path.is_file():
+                files.append(path)
+    return files
+
+
+def _generation_edit(text: str, class_node: ast.ClassDef, is_modular: bool):
+    """How a causal LM whose `forward` is a copy gets the checked `prepare_inputs_for_generation`."""
+    checked_generation = member_source(
+        OVERRIDES / "models" / "llama" / "modeling_llama.py", "LlamaForCausalLM", "prepare_inputs_for_generation"
+    )
+    own = find_function(class_node.body, "prepare_inputs_for_generation")
+    if own is None:
+        # A modular file inherits it from the parent class, which the converter copies with the rest
+        if is_modular:
+            return None
+        return AddMethod(class_node.name, "prepare_inputs_for_generation", checked_generation, after="forward")
+    if all(marker in _method_text(text, own) for marker in CACHE_DROP_MARKERS):
+        # Upstream's drop of the cache at the switch, which the check replaces on every path
+        return ReplaceMethod(class_node.name, "prepare_inputs_for_generation", checked_generation)
+    return AddDecorator(class_node.name, "prepare_inputs_for_generation", "check_rope_cache_in_generation")
+
+
+def _model_file_plan(
+    path: Path, relative: str, references: dict[_Role, set[str]], modeling_plan: FilePlan | None = None
+) -> FilePlan | None:
+    """
+    The edits of a modeling or modular file. A modular file also gets, on the methods it defines, the decorators its
+    generated modeling file got (the converter rewrites code, so the modular copy may not read like the original).
+    """
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    is_modular = path.name.startswith("modular_")
+    decorated_in_modeling = {
+        (edit.class_name, edit.method_name)
+        for edit in (modeling_plan.edits if modeling_plan is not None else [])
+        if isinstance(edit, AddDecorator) and edit.method_name == "forward"
+    }
+    edits, imported, needs_generation_mixin = [], set(), False
+    for class_node in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD):
+            prefix = _model_prefix(class_node.name, role.class_suffix)
+            forward = find_function(class_node.body, "forward")
+            if prefix is None or forward is None:
+                continue
+            is_copy = normalized(_method_text(text, forward), prefix) in references[role]
+            if not is_copy and (class_node.name, "forward") not in decorated_in_modeling:
+                continue
+            edits.append(AddDecorator(class_node.name, "forward", role.decorator))
+            imported.add(role.decorator)
+            if role is CAUSAL_LM_FORWARD:
+                generation_edit = _generation_edit(text, class_node, is_modular)
+                if generation_edit is not None:
+                    edits.append(generation_edit)
+                    imported.add("check_rope_cache_in_generation")
+                    needs_generation_mixin |= not isinstance(generation_edit, AddDecorator)
+        own_generation = find_function(class_node.body, "prepare_inputs_for_generation")
+        if (
+            own_generation is not None
+            and not any(getattr(edit, "class_name", None) == class_node.name for edit in edits)
+            and all(marker in _method_text(text, own_generation) for marker in CACHE_DROP_MARKERS)
+        ):
+            # A modular class that inherits its `forward` but defines upstream's drop of the cache
+            edits.append(_generation_edit(text, class_node, is_modular))
+            imported.add("check_rope_cache_in_generation")
+            needs_generation_mixin = True
+        if class_node.name == "PhimoeRotaryEmbedding" and find_function(class_node.body, "forward") is not None:
+            # The only rotary `forward` that does not rotate with the `inv_freq` the update sets
+            override = member_source(
+                OVERRIDES / "models" / "phimoe" / "modeling_phimoe.py", class_node.name, "forward"
+            )
+            edits.append(ReplaceMethod(class_node.name, "forward", override))
+            edits.append(AddRelativeImport(3, "modeling_rope_utils", ("dynamic_rope_update",)))
+    if not edits:
+        return None
+    if needs_generation_mixin:
+        edits.append(AddRelativeImport(3, "generation", ("GenerationMixin",)))
+    edits.append(AddRelativeImport(3, "rope_cache_utils", tuple(sorted(imported))))
+    return FilePlan(relative, edits)
+
+
+def _rope_utils_plan(tree: Path) -> FilePlan:
+    relative = "src/transformers/modeling_rope_utils.py"
+    module = ast.parse((tree / relative).read_text(encoding="utf-8"))
+    clashes = [name for name in ROPE_UTILITY_FUNCTIONS[:-1] if find_function(module.body, name) is not None]
+    if find_function(module.body, "dynamic_rope_update") is None or clashes:
+        raise UnrecognisedTreeError(
+            f"{relative} does not have the shape the diff is made for: expected `dynamic_rope_update` and none of "
+            f"{list(ROPE_UTILITY_FUNCTIONS[:-1])}, found clashes {clashes}"
+        )
+    sources = tuple(function_source(getattr(modeling_rope_utils, name)) for name in ROPE_UTILITY_FUNCTIONS)
+    return FilePlan(relative, [ReplaceFunction("dynamic_rope_update", sources)])
+
+
+def _rope_cache_module_text() -> str:
+    """`modeling_overrides/rope_cache_utils.py` as a module of `src/transformers/`: absolute imports made relative."""
+    text = Path(rope_cache_utils.__file__).read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    module = ast.parse(text)
+    imports = [node for node in module.body if isinstance(node, ast.ImportFrom)]
+    relative_imports = []
+    for node in imports:
+        if node.module and (node.level > 0 or node.module.split(".")[0] == "transformers"):
+            module_name = node.module.removeprefix("transformers.") if node.level == 0 else node.module
+            statement = "".join(lines[node.lineno - 1 : node.end_lineno])
+            statement = re.sub(r"^from \S+ import", f"from .{module_name} import", statement)
+            relative_imports.append((module_name, node.lineno - 1, node.end_lineno, statement))
+    # The package's own imports become one block of relative ones, in isort's order, where the first stood
+    first_line = min(start for _, start, _, _ in relative_imports)
+    dropped = {line for _, start, end, _ in relative_imports for line in range(start, end)}
+    block = "".join(statement for _, _, _, statement in sorted(relative_imports))
+    new_lines = []
+    for index, line in enumerate(lines):
+        if index == first_line:
+            new_lines.append(block)
+        if index in dropped:
+            continue
+        new_lines.append(line)
+    # The blank lines the removed sections leave behind collapse to those isort keeps: one between sections, two
+    # after the imports
+    text = re.sub(r"\n{3,}(from \.)", r"\n\n\1", "".join(new_lines))
+    return re.sub(r"\n{4,}", "\n\n\n", text)
+
+
+def make_plan(tree: Path) -> list[FilePlan]:
+    """
+    The files a pull request changes in the transformers source tree `tree`, and how.
+
+    Raises:
+        UnrecognisedTreeError: `tree` is not a transformers source tree of a release in `SUPPORTED_RELEASES`, or its
+            code does not have the shape the edits are made for.
+    """
+    release = read_release(tree)
+    if release.major != 5:
+        raise UnrecognisedTreeError(
+            f"{tree} holds transformers {release}; the pull-request diff is made for {SUPPORTED_RELEASES} (the tested "
+            "release is 5.23.0). Older releases keep their longrope code elsewhere; use the run-time patches there."
+        )
+    models_dir = tree / "src" / "transformers" / "models"
+    references = {role: _reference_forwards(models_dir, role) for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD)}
+    plans = [
+        _rope_utils_plan(tree),
+        FilePlan("src/transformers/rope_cache_utils.py", new_text=_rope_cache_module_text()),
+    ]
+    modeling_plans = {}
+    for path in _model_files(models_dir):
+        modeling_plan = modeling_plans.get(path.parent.name) if path.name.startswith("modular_") else None
+        plan = _model_file_plan(path, str(path.relative_to(tree)), references, modeling_plan)
+        if plan is not None:
+            plans.append(plan)
+            if path.name.startswith("modeling_"):
+                modeling_plans[path.parent.name] = plan
+    missing = [name for name in COVERED_MODELS if not any(f"/models/{name}/" in plan.path for plan in plans)]
+    if missing:
+        raise UnrecognisedTreeError(f"no copy of the covered forward passes found for {missing} in {tree}")
+    return plans

@@ -1,0 +1,173 @@
+"""
+Edits of Python source text located with `ast`: a function or method is found by name, and its exact line span
+(decorators included) is replaced, decorated or followed by new code. Everything around it is left byte for byte.
+"""
+
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass
+
+
+INDENT = "    "
+
+
+def function_source(function) -> str:
+    """The source of `function` (a function or a method), dedented to column 0, decorators included."""
+    return textwrap.dedent(inspect.getsource(function))
+
+
+def _lines(text: str) -> list[str]:
+    return text.splitlines(keepends=True)
+
+
+def _indented(source: str, indent: str) -> list[str]:
+    return [indent + line if line.strip() else line for line in _lines(source.rstrip("\n") + "\n")]
+
+
+def find_class(tree: ast.Module, class_name: str) -> ast.ClassDef | None:
+    return next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name), None)
+
+
+def find_function(body: list[ast.stmt], name: str) -> ast.FunctionDef | None:
+    return next(
+        (node for node in body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name),
+        None,
+    )
+
+
+def _span(node: ast.AST) -> tuple[int, int]:
+    """0-based `[start, end)` line span of `node`, its decorators included."""
+    decorators = getattr(node, "decorator_list", [])
+    start = min([node.lineno, *(decorator.lineno for decorator in decorators)]) - 1
+    return start, node.end_lineno
+
+
+def _method(text: str, class_name: str, method_name: str) -> ast.FunctionDef | None:
+    class_node = find_class(ast.parse(text), class_name)
+    return find_function(class_node.body, method_name) if class_node is not None else None
+
+
+def decorator_names(function: ast.FunctionDef) -> list[str]:
+    return [ast.unparse(decorator) for decorator in function.decorator_list]
+
+
+@dataclass(frozen=True)
+class AddDecorator:
+    """Puts `@decorator` first (outermost) on `class_name.method_name`."""
+
+    class_name: str
+    method_name: str
+    decorator: str
+
+    def apply(self, text: str) -> str:
+        method = _method(text, self.class_name, self.method_name)
+        if method is None:
+            raise LookupError(f"{self.class_name}.{self.method_name} is not defined here")
+        if self.decorator in decorator_names(method):
+            return text
+        lines = _lines(text)
+        start, _ = _span(method)
+        indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+        return "".join([*lines[:start], f"{indent}@{self.decorator}\n", *lines[start:]])
+
+
+@dataclass(frozen=True)
+class ReplaceMethod:
+    """Replaces `class_name.method_name` (decorators included) by `source`, a method written at column 0."""
+
+    class_name: str
+    method_name: str
+    source: str
+
+    def apply(self, text: str) -> str:
+        method = _method(text, self.class_name, self.method_name)
+        if method is None:
+            raise LookupError(f"{self.class_name}.{self.method_name} is not defined here")
+        lines = _lines(text)
+        start, end = _span(method)
+        indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+        return "".join([*lines[:start], *_indented(self.source, indent), *lines[end:]])
+
+
+@dataclass(frozen=True)
+class AddMethod:
+    """Adds `source` (a method written at column 0) to `class_name`, after its method `after`."""
+
+    class_name: str
+    method_name: str
+    source: str
+    after: str
+
+    def apply(self, text: str) -> str:
+        if _method(text, self.class_name, self.method_name) is not None:
+            raise LookupError(f"{self.class_name}.{self.method_name} is already defined here")
+        anchor = _method(text, self.class_name, self.after)
+        if anchor is None:
+            raise LookupError(f"{self.class_name}.{self.after} is not defined here")
+        lines = _lines(text)
+        _, end = _span(anchor)
+        indent = lines[anchor.lineno - 1][: len(lines[anchor.lineno - 1]) - len(lines[anchor.lineno - 1].lstrip())]
+        return "".join([*lines[:end], "\n", *_indented(self.source, indent), *lines[end:]])
+
+
+@dataclass(frozen=True)
+class ReplaceFunction:
+    """Replaces the module-level function `name` by `sources` (functions written at column 0), in that order."""
+
+    name: str
+    sources: tuple[str, ...]
+
+    @property
+    def method_name(self) -> str:
+        return self.name
+
+    def apply(self, text: str) -> str:
+        function = find_function(ast.parse(text).body, self.name)
+        if function is None:
+            raise LookupError(f"function {self.name} is not defined here")
+        lines = _lines(text)
+        start, end = _span(function)
+        new_lines = []
+        for index, source in enumerate(self.sources):
+            if index:
+                new_lines += ["\n", "\n"]
+            new_lines += _indented(source, "")
+        return "".join([*lines[:start], *new_lines, *lines[end:]])
+
+
+@dataclass(frozen=True)
+class AddRelativeImport:
+    """
+    Adds `from <dots><module> import <names>` to the module's top-level imports, where isort puts it: among the
+    imports of the same relative level, in alphabetical order of the module (a new line; an existing import of that
+    module gets the names added).
+    """
+
+    level: int
+    module: str
+    names: tuple[str, ...]
+
+    def apply(self, text: str) -> str:
+        tree = ast.parse(text)
+        lines = _lines(text)
+        same_level = [
+            node for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == self.level and node.module
+        ]
+        existing = next((node for node in same_level if node.module == self.module), None)
+        names = set(self.names)
+        if existing is not None:
+            names |= {alias.name for alias in existing.names}
+            if len(names) == len(existing.names):
+                return text
+            start, end = existing.lineno - 1, existing.end_lineno
+        else:
+            following = [node for node in same_level if node.module.lower() > self.module.lower()]
+            if following:
+                start = end = following[0].lineno - 1
+            elif same_level:
+                start = end = same_level[-1].end_lineno
+            else:
+                raise LookupError(f"no top-level import of relative level {self.level} to place the new one among")
+        statement = f"from {'.' * self.level}{self.module} import {', '.join(sorted(names))}\n"
+        return "".join([*lines[:start], statement, *lines[end:]])
