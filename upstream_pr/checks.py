@@ -24,7 +24,7 @@ def _rope_cache_mark(class_node: ast.ClassDef, method_name: str) -> tuple[str, .
     method = find_function(class_node.body, method_name)
     if method is None:
         return None
-    return tuple(name for name in decorator_names(method) if name in ROPE_CACHE_DECORATORS)
+    return tuple(name for name in decorator_names(method) if name.split("(")[0] in ROPE_CACHE_DECORATORS)
 
 
 def _modeling_module_of_base(modular: ast.Module) -> dict[str, str]:
@@ -111,15 +111,18 @@ def _parent_class(modular_class, origins, parent_prefixes: Counter, suffix: str)
     return parent_model, parent_prefix + suffix
 
 
-RUFF_SETTINGS = [
-    "--line-length=119",
-    "--target-version=py310",
-    "--select=C,E,F,I,W,UP,SIM,RUF013,PERF102,PLC1802,PLC0208",
-    "--ignore=C901,E501,E741,F402,F823,SIM1,SIM300,SIM212,SIM905,UP009,UP015,UP031,UP028,UP004,UP045,UP007",
-    "--config=lint.isort.lines-after-imports=2",
-    "--config=lint.isort.known-first-party=['transformers']",
-]
-"""transformers' ruff settings (its `pyproject.toml`), given on the command line so that no project config applies."""
+BUNDLED_RUFF_SETTINGS = Path(__file__).parent / "ruff"
+
+
+def ruff_config(tree: Path, release_major: int) -> Path:
+    """
+    transformers' ruff settings for `tree`: its own `pyproject.toml` where it has one (a checkout), else those of
+    its major release, bundled here (a tree laid out from an installed release has no `pyproject.toml`).
+    """
+    pyproject = tree / "pyproject.toml"
+    if pyproject.is_file() and "[tool.ruff]" in pyproject.read_text(encoding="utf-8"):
+        return pyproject
+    return BUNDLED_RUFF_SETTINGS / f"transformers-{release_major}.toml"
 
 
 def _ruff(arguments: list[str], cwd: Path) -> list[str]:
@@ -129,13 +132,15 @@ def _ruff(arguments: list[str], cwd: Path) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.strip()]
 
 
-def ruff_problems(tree: Path, paths: list[str]) -> list[str]:
+def ruff_problems(tree: Path, paths: list[str], config: Path) -> list[str]:
     """
-    `ruff check` and `ruff format --check` findings on `paths` of `tree`, with transformers' settings, as
-    `path: CODE message` (without line numbers, so that findings before and after an edit compare).
+    `ruff check` and `ruff format --check` findings on `paths` of `tree` with the settings in `config` (see
+    `ruff_config`), as `path: CODE message` (without line numbers, so that findings before and after an edit
+    compare).
     """
-    check = _ruff(["check", "--isolated", "--output-format=concise", "--no-cache", *RUFF_SETTINGS, *paths], tree)
-    formatting = _ruff(["format", "--isolated", "--check", "--line-length=119", "--no-cache", *paths], tree)
+    settings = ["--config", str(config.resolve()), "--no-cache"]
+    check = _ruff(["check", "--output-format=concise", *settings, *paths], tree)
+    formatting = _ruff(["format", "--check", *settings, *paths], tree)
     findings = []
     for line in check:
         parts = line.split(":", 3)

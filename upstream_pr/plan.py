@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
@@ -31,8 +32,9 @@ from .source_edits import (
 
 
 OVERRIDES = Path(modeling_rope_utils.__file__).parent
-SUPPORTED_RELEASES = ">=5.0,<6"
-"""Releases whose trees the diff is made for. Older releases have other RoPE code (see `patches/targets.py`)."""
+SUPPORTED_RELEASES = SpecifierSet(">=4.51,<6")
+"""Releases whose trees the diff is made for: those whose rotary embeddings update through `dynamic_rope_update`.
+Before 4.51, Phi-3 and Llama keep their own update methods (see `patches/targets.py`)."""
 
 COVERED_MODELS = {
     "phi3": "Phi3",
@@ -180,11 +182,17 @@ def _model_files(models_dir: Path) -> list[Path]:
     return files
 
 
-def _generation_edit(text: str, class_node: ast.ClassDef, is_modular: bool):
+def _checked_generation_source(batch_wide: bool) -> str:
+    if batch_wide:
+        path, class_name = OVERRIDES / "models" / "phimoe" / "modeling_phimoe_v4_57.py", "PhimoeForCausalLM"
+    else:
+        path, class_name = OVERRIDES / "models" / "llama" / "modeling_llama.py", "LlamaForCausalLM"
+    return member_source(path, class_name, "prepare_inputs_for_generation")
+
+
+def _generation_edit(text: str, class_node: ast.ClassDef, is_modular: bool, batch_wide: bool = False):
     """How a causal LM whose `forward` is a copy gets the checked `prepare_inputs_for_generation`."""
-    checked_generation = member_source(
-        OVERRIDES / "models" / "llama" / "modeling_llama.py", "LlamaForCausalLM", "prepare_inputs_for_generation"
-    )
+    checked_generation = _checked_generation_source(batch_wide)
     own = find_function(class_node.body, "prepare_inputs_for_generation")
     if own is None:
         # A modular file inherits it from the parent class, which the converter copies with the rest
@@ -194,7 +202,26 @@ def _generation_edit(text: str, class_node: ast.ClassDef, is_modular: bool):
     if all(marker in _method_text(text, own) for marker in CACHE_DROP_MARKERS):
         # Upstream's drop of the cache at the switch, which the check replaces on every path
         return ReplaceMethod(class_node.name, "prepare_inputs_for_generation", checked_generation)
-    return AddDecorator(class_node.name, "prepare_inputs_for_generation", "check_rope_cache_in_generation")
+    return AddDecorator(
+        class_node.name, "prepare_inputs_for_generation", _decorator("check_rope_cache_in_generation", batch_wide)
+    )
+
+
+def _decorator(name: str, batch_wide: bool) -> str:
+    return f"{name}(frequencies_per_row=False)" if batch_wide else name
+
+
+def _rotates_batch_wide(tree: ast.Module) -> bool:
+    """
+    Whether the file's rotary embedding builds one table for the batch (`forward(x, seq_len)`, PhiMoE before 5.0)
+    rather than rotating each row by its positions: its cache checks then follow the whole batch.
+    """
+    for class_node in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        forward = find_function(class_node.body, "forward")
+        if class_node.name.endswith("RotaryEmbedding") and forward is not None:
+            if "seq_len" in [argument.arg for argument in forward.args.args]:
+                return True
+    return False
 
 
 def _model_file_plan(
@@ -212,6 +239,7 @@ def _model_file_plan(
         for edit in (modeling_plan.edits if modeling_plan is not None else [])
         if isinstance(edit, AddDecorator) and edit.method_name == "forward"
     }
+    batch_wide = _rotates_batch_wide(tree)
     edits, imported, needs_generation_mixin = [], set(), False
     for class_node in (node for node in tree.body if isinstance(node, ast.ClassDef)):
         for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD):
@@ -222,10 +250,10 @@ def _model_file_plan(
             is_copy = normalized(_method_text(text, forward), prefix) in references[role]
             if not is_copy and (class_node.name, "forward") not in decorated_in_modeling:
                 continue
-            edits.append(AddDecorator(class_node.name, "forward", role.decorator))
+            edits.append(AddDecorator(class_node.name, "forward", _decorator(role.decorator, batch_wide)))
             imported.add(role.decorator)
             if role is CAUSAL_LM_FORWARD:
-                generation_edit = _generation_edit(text, class_node, is_modular)
+                generation_edit = _generation_edit(text, class_node, is_modular, batch_wide)
                 if generation_edit is not None:
                     edits.append(generation_edit)
                     imported.add("check_rope_cache_in_generation")
@@ -237,16 +265,19 @@ def _model_file_plan(
             and all(marker in _method_text(text, own_generation) for marker in CACHE_DROP_MARKERS)
         ):
             # A modular class that inherits its `forward` but defines upstream's drop of the cache
-            edits.append(_generation_edit(text, class_node, is_modular))
+            edits.append(_generation_edit(text, class_node, is_modular, batch_wide))
             imported.add("check_rope_cache_in_generation")
             needs_generation_mixin = True
         if class_node.name == "PhimoeRotaryEmbedding" and find_function(class_node.body, "forward") is not None:
-            # The only rotary `forward` that does not rotate with the `inv_freq` the update sets
-            override = member_source(
-                OVERRIDES / "models" / "phimoe" / "modeling_phimoe.py", class_node.name, "forward"
-            )
+            # The only rotary `forward` that does not rotate with the `inv_freq` the update sets (from 5.0), or that
+            # builds a table for the batch (before)
+            override_module = "modeling_phimoe_v4_57.py" if batch_wide else "modeling_phimoe.py"
+            override = member_source(OVERRIDES / "models" / "phimoe" / override_module, class_node.name, "forward")
             edits.append(ReplaceMethod(class_node.name, "forward", override))
-            edits.append(AddRelativeImport(3, "modeling_rope_utils", ("dynamic_rope_update",)))
+            if not batch_wide:
+                edits.append(AddRelativeImport(3, "modeling_rope_utils", ("dynamic_rope_update",)))
+            else:
+                edits.append(AddRelativeImport(3, "modeling_rope_utils", ("get_longrope_switch_point",)))
     if not edits:
         return None
     if needs_generation_mixin:
@@ -268,8 +299,11 @@ def _rope_utils_plan(tree: Path) -> FilePlan:
     return FilePlan(relative, [ReplaceFunction("dynamic_rope_update", sources)])
 
 
-def _rope_cache_module_text() -> str:
-    """`modeling_overrides/rope_cache_utils.py` as a module of `src/transformers/`: absolute imports made relative."""
+def _rope_cache_module_text(release: Version) -> str:
+    """
+    `modeling_overrides/rope_cache_utils.py` as a module of `src/transformers/`: absolute imports made relative, and
+    for 4.x releases (which still run on Python 3.9) annotations postponed, as PEP 604 unions need.
+    """
     text = Path(rope_cache_utils.__file__).read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
     module = ast.parse(text)
@@ -295,7 +329,14 @@ def _rope_cache_module_text() -> str:
     # The blank lines the removed sections leave behind collapse to those isort keeps: one between sections, two
     # after the imports
     text = re.sub(r"\n{3,}(from \.)", r"\n\n\1", "".join(new_lines))
-    return re.sub(r"\n{4,}", "\n\n\n", text)
+    text = re.sub(r"\n{4,}", "\n\n\n", text)
+    if release.major < 5:
+        first_import = min(node.lineno for node in module.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+        lines = text.splitlines(keepends=True)
+        text = "".join(
+            [*lines[: first_import - 1], "from __future__ import annotations\n\n", *lines[first_import - 1 :]]
+        )
+    return text
 
 
 def make_plan(tree: Path) -> list[FilePlan]:
@@ -307,16 +348,17 @@ def make_plan(tree: Path) -> list[FilePlan]:
             code does not have the shape the edits are made for.
     """
     release = read_release(tree)
-    if release.major != 5:
+    if release not in SUPPORTED_RELEASES:
         raise UnrecognisedTreeError(
-            f"{tree} holds transformers {release}; the pull-request diff is made for {SUPPORTED_RELEASES} (the tested "
-            "release is 5.23.0). Older releases keep their longrope code elsewhere; use the run-time patches there."
+            f"{tree} holds transformers {release}; the pull-request diff is made for transformers{SUPPORTED_RELEASES} "
+            "(tested: 4.57.6 and 5.23.0). Before 4.51 the longrope update lives in per-model methods that the "
+            "run-time patches replace; use them there."
         )
     models_dir = tree / "src" / "transformers" / "models"
     references = {role: _reference_forwards(models_dir, role) for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD)}
     plans = [
         _rope_utils_plan(tree),
-        FilePlan("src/transformers/rope_cache_utils.py", new_text=_rope_cache_module_text()),
+        FilePlan("src/transformers/rope_cache_utils.py", new_text=_rope_cache_module_text(release)),
     ]
     modeling_plans = {}
     for path in _model_files(models_dir):

@@ -74,7 +74,10 @@ class AddDecorator:
 
 @dataclass(frozen=True)
 class ReplaceMethod:
-    """Replaces `class_name.method_name` (decorators included) by `source`, a method written at column 0."""
+    """
+    Replaces `class_name.method_name` (decorators included, and a "Copied from" comment just above) by `source`, a
+    method or attribute written at column 0.
+    """
 
     class_name: str
     method_name: str
@@ -87,6 +90,9 @@ class ReplaceMethod:
         lines = _lines(text)
         start, end = _span(method)
         indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+        if start > 0 and lines[start - 1].strip().startswith("# Copied from"):
+            # The replacement is no copy of that method any more
+            start -= 1
         return "".join([*lines[:start], *_indented(self.source, indent), *lines[end:]])
 
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checks import modular_agreement_problems, ruff_problems
+from .checks import modular_agreement_problems, ruff_config, ruff_problems
 from .diff import changed_paths, planned_texts, unified_diff
 from .pr_tests import PR_TEST_MODULES
 
@@ -101,8 +101,9 @@ def verify(tree: Path, workdir: Path, texts: dict | None = None) -> Verification
         return report
     report.modular_problems = modular_agreement_problems(patched, report.changed_files)
     existing = [path for path in report.changed_files if (tree / path).is_file()]
-    before = collections.Counter(ruff_problems(tree, existing))
-    after = collections.Counter(ruff_problems(patched, report.changed_files))
+    config = ruff_config(tree, read_release(tree).major)
+    before = collections.Counter(ruff_problems(tree, existing, config))
+    after = collections.Counter(ruff_problems(patched, report.changed_files, config))
     report.new_ruff_findings = sorted((after - before).elements())
     report.transformers_imported_from, report.tests_returncode, report.tests_summary = run_pr_tests(patched)
     return report

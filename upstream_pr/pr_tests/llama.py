@@ -40,13 +40,14 @@ class LlamaSequenceDependentRopeCacheTest(unittest.TestCase):
 
     def get_model(self, rope_type):
         head_dim = 8
-        rope_parameters = {"rope_type": rope_type, "rope_theta": 10000.0}
+        rope_scaling = {"rope_type": rope_type}
         if rope_type == "longrope":
-            rope_parameters["short_factor"] = [1.0 + 0.25 * i for i in range(head_dim // 2)]
-            rope_parameters["long_factor"] = [4.0 + 2.0 * i for i in range(head_dim // 2)]
-            rope_parameters["original_max_position_embeddings"] = self.switch_point
+            rope_scaling["short_factor"] = [1.0 + 0.25 * i for i in range(head_dim // 2)]
+            rope_scaling["long_factor"] = [4.0 + 2.0 * i for i in range(head_dim // 2)]
+            rope_scaling["original_max_position_embeddings"] = self.switch_point
         else:
-            rope_parameters["factor"] = 2.0
+            rope_scaling["factor"] = 2.0
+        extra = {"original_max_position_embeddings": self.switch_point} if rope_type == "longrope" else {}
         config = LlamaConfig(
             vocab_size=97,
             hidden_size=32,
@@ -59,11 +60,11 @@ class LlamaSequenceDependentRopeCacheTest(unittest.TestCase):
             bos_token_id=1,
             eos_token_id=2,
             max_position_embeddings=4 * self.switch_point if rope_type == "longrope" else self.switch_point,
-            rope_parameters=rope_parameters,
+            rope_scaling=rope_scaling,
+            rope_theta=10000.0,
             attn_implementation="eager",
+            **extra,
         )
-        if rope_type == "longrope":
-            config.original_max_position_embeddings = self.switch_point
         torch.manual_seed(0)
         return LlamaForCausalLM(config).eval()
 
@@ -82,6 +83,15 @@ class LlamaSequenceDependentRopeCacheTest(unittest.TestCase):
     def no_cache_logits(self, model_factory, input_ids):
         # A fresh model: the dynamic NTK update remembers the longest sequence it has seen
         return model_factory()(input_ids, use_cache=False).logits[:, -1]
+
+    @torch.no_grad()
+    def test_longrope_switches_after_original_max_position_embeddings(self):
+        # Guards the tests below: one token past the switch point, position 1 is rotated differently
+        rotary_embedding = self.get_model("longrope").model.rotary_emb
+        hidden = torch.zeros(1)
+        at_switch, _ = rotary_embedding(hidden, torch.arange(self.switch_point)[None])
+        beyond, _ = rotary_embedding(hidden, torch.arange(self.switch_point + 1)[None])
+        self.assertFalse(torch.allclose(at_switch[0, 1], beyond[0, 1]))
 
     @parameterized.expand([("longrope",), ("dynamic",)])
     @torch.no_grad()

@@ -51,13 +51,12 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
             eos_token_id=2,
             max_position_embeddings=4 * self.switch_point,
             original_max_position_embeddings=self.switch_point,
-            rope_parameters={
-                "rope_type": "longrope",
-                "rope_theta": 10000.0,
+            rope_scaling={
+                "type": "longrope",
                 "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
                 "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
-                "original_max_position_embeddings": self.switch_point,
             },
+            rope_theta=10000.0,
             attn_implementation="eager",
         )
         torch.manual_seed(0)
@@ -70,6 +69,15 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
     @torch.no_grad()
     def no_cache_logits(self, model, input_ids):
         return model(input_ids, use_cache=False).logits[:, -1]
+
+    @torch.no_grad()
+    def test_longrope_switches_after_original_max_position_embeddings(self):
+        # Guards the tests below: one token past the switch point, position 1 is rotated differently
+        rotary_embedding = self.get_model().model.rotary_emb
+        hidden = torch.zeros(1)
+        at_switch, _ = rotary_embedding(hidden, torch.arange(self.switch_point)[None])
+        beyond, _ = rotary_embedding(hidden, torch.arange(self.switch_point + 1)[None])
+        self.assertFalse(torch.allclose(at_switch[0, 1], beyond[0, 1]))
 
     @parameterized.expand([("dynamic", 1), ("static", 1), ("dynamic", 3)])
     @torch.no_grad()

@@ -15,7 +15,9 @@
 PhiMoE modeling code as it stands in transformers 4.57 (4.46 to 4.57). The rotary embedding there builds a cos/sin
 table for the first `seq_len` positions of the batch (`seq_len` being the cache index of the last token plus one),
 and the attention layers index it with `position_ids`. It is called without positions, so it chooses one factor set
-for the whole batch, by the batch's index: what changes here is how it chooses.
+for the whole batch, by the batch's index: what changes here is how it chooses. The cache checks follow the same
+batch-wide rule: the decoder's `forward` is decorated with `check_rope_cache(frequencies_per_row=False)`, the causal
+LM's with `split_at_rope_switch(frequencies_per_row=False)`, and generation inputs are prepared as below.
 
 Only the methods that change are written here; everything else is upstream's.
 """
@@ -23,7 +25,10 @@ Only the methods that change are written here; everything else is upstream's.
 import torch
 from torch import nn
 
+from transformers.generation import GenerationMixin
+
 from ...modeling_rope_utils import get_longrope_switch_point
+from ...rope_cache_utils import check_rope_cache_in_generation
 
 
 class PhimoeRotaryEmbedding(nn.Module):
@@ -50,3 +55,11 @@ class PhimoeRotaryEmbedding(nn.Module):
 
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * mscale).to(x.dtype), (emb.sin() * mscale).to(x.dtype)
+
+
+class PhimoeForCausalLM(GenerationMixin):
+    # The generic preparation, once the KV cache has been checked against the RoPE frequencies of the coming forward
+    # pass (a cache filled with other frequencies is recomputed in place); the frequencies are the whole batch's
+    prepare_inputs_for_generation = check_rope_cache_in_generation(
+        GenerationMixin.prepare_inputs_for_generation, frequencies_per_row=False
+    )
