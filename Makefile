@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 TRANSFORMERS_VERSION ?= 5.23.0
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo compare-strategies diff test test-matrix test-slow style quality
+.PHONY: install demo compare-strategies divergence diff test test-matrix test-slow style quality
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ demo: install
 compare-strategies: install
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) scripts/compare_strategies.py --output-dir out/strategies
+
+# Cached vs no-cache decoding of the first generated token, per layer, per dtype and attention: table, CSV and PNG.
+# Another model: make divergence DIVERGENCE_ARGS="--model /path/to/checkpoint --dtypes bf16 --attention sdpa"
+DIVERGENCE_ARGS ?= --attention eager sdpa
+divergence: install
+	$(PY) -m pip install --quiet matplotlib
+	$(PY) scripts/divergence_table.py $(DIVERGENCE_ARGS) --output-dir out/divergence
 
 # The upstream pull request: a diff from modeling_overrides/ against the installed release (or TRANSFORMERS_SRC, a
 # checkout), verified by applying it to a copy and running its checks and tests, and its description, under out/pr/.
