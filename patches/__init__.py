@@ -4,6 +4,7 @@ Binds the fixes in `modeling_overrides` to the installed transformers at run tim
     import patches
     patches.apply()                  # or: import patches.auto
     patches.apply(stale_cache="warn")
+    patches.apply(consistent=True)   # cached decoding bitwise equal to decoding without cache
     patches.status()
     patches.revert()
 
@@ -34,6 +35,7 @@ __all__ = [
     "PatchStatus",
     "StaleRopeCacheError",
     "StaleRopeCacheWarning",
+    "ConsistentDecodingUnavailableError",
     "UnsupportedTransformersVersionError",
     "apply",
     "applied",
@@ -55,6 +57,7 @@ class PatchStatus:
     version_supported: bool
     applied: bool
     stale_cache: dict[str, str]
+    consistent: bool = False
     patched: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
 
@@ -64,6 +67,7 @@ class PatchStatus:
             f"transformers {self.transformers_version} ({support}; supported: {self.supported_range})",
             f"applied: {'yes' if self.applied else 'no'}",
             f"stale_cache: {self.stale_cache}",
+            f"consistent: {'yes' if self.consistent else 'no'}",
         ]
         lines += [f"  patched  {name}" for name in self.patched]
         lines += [f"  refused  {name}: {reason}" for name, reason in self.refused.items()]
@@ -77,9 +81,16 @@ _patched: dict[tuple[type, str], str] = {}
 _refused: dict[str, str] = {}
 _policy: dict[str, str] = normalize_stale_cache_policy(None)
 _applied = False
+_consistent = False
 
 
-def apply(stale_cache: str | dict[str, str] | None = None, force: bool = False) -> PatchStatus:
+class ConsistentDecodingUnavailableError(RuntimeError):
+    """`consistent=True` was asked of a transformers release whose attention it cannot replace."""
+
+
+def apply(
+    stale_cache: str | dict[str, str] | None = None, force: bool = False, consistent: bool = False
+) -> PatchStatus:
     """
     Patches the installed transformers so that decoding with a KV cache matches decoding without one.
 
@@ -95,6 +106,12 @@ def apply(stale_cache: str | dict[str, str] | None = None, force: bool = False) 
         force (`bool`, defaults to `False`):
             Patch a transformers release outside the supported range. Each replaced function is still checked
             against the one the patch was written for, and left alone if it differs.
+        consistent (`bool`, defaults to `False`):
+            Make cached decoding bitwise equal to the forward pass without cache over the same tokens, for the Llama
+            and Phi-3 families: every `torch.nn.Linear` (in the whole process) computes over fixed row tiles, and
+            their attention, requested as `"eager"` or `"sdpa"`, over fixed query tiles and key blocks (see
+            `modeling_overrides/integrations/consistent_decoding.py`). Costs speed; verified on CPU. Without it,
+            outputs are bitwise what they were.
 
     Returns:
         The `PatchStatus` after the call.
@@ -102,8 +119,10 @@ def apply(stale_cache: str | dict[str, str] | None = None, force: bool = False) 
     Raises:
         `ValueError`: for an unknown policy.
         `UnsupportedTransformersVersionError`: for a release outside the supported range, unless `force=True`.
+        `ConsistentDecodingUnavailableError`: for `consistent=True` on a release before 4.48, whose models do not
+            share attention functions. Nothing is changed.
     """
-    global _applied, _policy
+    global _applied, _policy, _consistent
     policy = normalize_stale_cache_policy(stale_cache)
     version = versions.installed_version()
     if not versions.is_supported(version) and not force:
@@ -113,10 +132,16 @@ def apply(stale_cache: str | dict[str, str] | None = None, force: bool = False) 
             "still checked, and left alone if it is not the one the patch was written for)."
         )
 
-    from .targets import all_bindings
+    from .targets import all_bindings, consistent_decoding_bindings
+
+    if consistent and not consistent_decoding_bindings():
+        raise ConsistentDecodingUnavailableError(
+            f"consistent=True needs transformers>=4.48, whose models share attention functions "
+            f"(`ALL_ATTENTION_FUNCTIONS`, `eager_attention_forward`); {version} is installed. Nothing was changed."
+        )
 
     with _lock:
-        wanted = all_bindings(policy, upstream_attribute=_upstream_attribute)
+        wanted = all_bindings(policy, upstream_attribute=_upstream_attribute, consistent=consistent)
         wanted_keys = {(binding.owner, binding.attribute) for binding in wanted}
         for key in list(_patched):
             if key not in wanted_keys:
@@ -126,19 +151,21 @@ def apply(stale_cache: str | dict[str, str] | None = None, force: bool = False) 
             _bind(binding)
         set_stale_cache_policy(policy)
         _policy = policy
+        _consistent = consistent
         _applied = True
         return status()
 
 
 def revert() -> PatchStatus:
     """Puts back the original transformers functions (the very same objects) and the default policy."""
-    global _applied, _policy
+    global _applied, _policy, _consistent
     with _lock:
         for key in list(_patched):
             _restore(key)
         _refused.clear()
         _policy = normalize_stale_cache_policy(None)
         set_stale_cache_policy(_policy)
+        _consistent = False
         _applied = False
         return status()
 
@@ -153,26 +180,27 @@ def status() -> PatchStatus:
             version_supported=versions.is_supported(version),
             applied=_applied,
             stale_cache=dict(_policy),
+            consistent=_consistent,
             patched=sorted(_patched.values()),
             refused=dict(_refused),
         )
 
 
 @contextlib.contextmanager
-def applied(stale_cache: str | dict[str, str] | None = None, force: bool = False):
+def applied(stale_cache: str | dict[str, str] | None = None, force: bool = False, consistent: bool = False):
     """
     Context manager: applies the patches on entry and, on exit, returns to the state before it (reverted, or
-    applied with the previous policy).
+    applied with the previous policy and consistency).
     """
     with _lock:
-        was_applied, previous_policy = _applied, dict(_policy)
-        apply(stale_cache=stale_cache, force=force)
+        was_applied, previous_policy, was_consistent = _applied, dict(_policy), _consistent
+        apply(stale_cache=stale_cache, force=force, consistent=consistent)
     try:
         yield status()
     finally:
         with _lock:
             if was_applied:
-                apply(stale_cache=previous_policy, force=True)
+                apply(stale_cache=previous_policy, force=True, consistent=was_consistent)
             else:
                 revert()
 

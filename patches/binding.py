@@ -8,11 +8,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Binding:
     """
-    One attribute of an installed class replaced by code from `modeling_overrides`.
+    One attribute of an installed class (or module) replaced by code from `modeling_overrides`.
 
     Args:
         name: how `status()` names it, e.g. `"Phi3ForCausalLM.forward"`.
-        owner: the class whose attribute is replaced.
+        owner: the class (or module) whose attribute is replaced.
         attribute: the attribute's name.
         replacement: builds the new attribute from the original one.
         check: returns why the original is not the function the replacement was written for, or `None` if it is.

@@ -371,8 +371,75 @@ def phimoe_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upst
     return bindings
 
 
+CONSISTENT_DECODING_MODELS = ("llama", "mistral", "qwen2", "phi3", "phimoe", "phi4_multimodal")
+"""Models whose attention `consistent=True` makes batch-invariant: the Llama and Phi-3 families."""
+
+EAGER_ATTENTION_PARAMETERS = ["module", "query", "key", "value", "attention_mask", "scaling", "dropout", "kwargs"]
+
+
+def _attention_functions_with_consistent_sdpa(original):
+    """A copy of a modeling module's `ALL_ATTENTION_FUNCTIONS` whose `"sdpa"` is the consistent attention."""
+    from modeling_overrides.integrations.consistent_decoding import consistent_attention_forward
+
+    if isinstance(original, dict):  # before 4.51
+        return {**original, "sdpa": consistent_attention_forward}
+    functions = type(original)()
+    functions["sdpa"] = consistent_attention_forward  # a local entry, which takes precedence over the global ones
+    return functions
+
+
+def consistent_decoding_bindings() -> list[Binding]:
+    """
+    The bindings of `consistent=True`: every `nn.Linear` computes over fixed row tiles, and the attention of the
+    Llama and Phi-3 families (requested as `"eager"` or `"sdpa"`) over fixed query tiles and key blocks. Empty when
+    the installed release does not share attention functions through `ALL_ATTENTION_FUNCTIONS` (before 4.48).
+    """
+    import importlib
+
+    from modeling_overrides.integrations import consistent_decoding
+
+    bindings = []
+    for module_name in CONSISTENT_DECODING_MODELS:
+        try:
+            module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+        except ImportError:
+            continue
+        if not hasattr(module, "eager_attention_forward") or not hasattr(module, "ALL_ATTENTION_FUNCTIONS"):
+            continue
+        bindings += [
+            Binding(
+                name=f"modeling_{module_name}.eager_attention_forward",
+                owner=module,
+                attribute="eager_attention_forward",
+                replacement=lambda original: consistent_decoding.consistent_attention_forward,
+                check=expect_parameters(EAGER_ATTENTION_PARAMETERS),
+            ),
+            Binding(
+                name=f"modeling_{module_name}.ALL_ATTENTION_FUNCTIONS",
+                owner=module,
+                attribute="ALL_ATTENTION_FUNCTIONS",
+                replacement=_attention_functions_with_consistent_sdpa,
+                check=lambda original: None if "sdpa" in original else "it has no `sdpa` entry",
+            ),
+        ]
+    if not bindings:
+        return []
+    bindings.append(
+        Binding(
+            name="torch.nn.Linear.forward",
+            owner=torch.nn.Linear,
+            attribute="forward",
+            replacement=lambda original: consistent_decoding.Linear.forward,
+            check=expect_parameters(["self", "input"]),
+        )
+    )
+    return bindings
+
+
 def all_bindings(
-    stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute = original_attribute
+    stale_cache_policy: dict[str, str],
+    upstream_attribute: UpstreamAttribute = original_attribute,
+    consistent: bool = False,
 ) -> list[Binding]:
     """
     Every binding the patches make on the installed transformers, for the given stale-cache policy.
@@ -381,9 +448,13 @@ def all_bindings(
         stale_cache_policy: the policy per RoPE type, as `normalize_stale_cache_policy` returns it.
         upstream_attribute: returns an attribute as upstream defines it (not as a previous `apply` replaced it), or
             `None` when the class only inherits it.
+        consistent: add the bindings of `consistent_decoding_bindings`.
     """
-    return [
+    bindings = [
         *phi3_bindings(stale_cache_policy, upstream_attribute),
         *phimoe_bindings(stale_cache_policy, upstream_attribute),
         *standard_rope_model_bindings(stale_cache_policy, upstream_attribute),
     ]
+    if consistent:
+        bindings += consistent_decoding_bindings()
+    return bindings

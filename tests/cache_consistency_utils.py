@@ -99,10 +99,12 @@ def tiny_phi3_config(rope_type: str = "longrope", switch_point: int = SWITCH_POI
     return Phi3Config(**config)
 
 
-def tiny_phi3_model(rope_type: str = "longrope", seed: int = 0, **overrides) -> Phi3ForCausalLM:
-    """A randomly initialised tiny Phi-3 causal LM in eval mode (fp32, eager attention)."""
+def tiny_phi3_model(
+    rope_type: str = "longrope", seed: int = 0, attn_implementation: str = "eager", **overrides
+) -> Phi3ForCausalLM:
+    """A randomly initialised tiny Phi-3 causal LM in eval mode (fp32, eager attention unless asked otherwise)."""
     torch.manual_seed(seed)
-    config = tiny_phi3_config(rope_type, attn_implementation="eager", **overrides)
+    config = tiny_phi3_config(rope_type, attn_implementation=attn_implementation, **overrides)
     return Phi3ForCausalLM(config).eval()
 
 
@@ -126,10 +128,13 @@ def tiny_llama_config(rope_type: str = "longrope", switch_point: int = SWITCH_PO
     return LlamaConfig(**config)
 
 
-def tiny_llama_model(rope_type: str = "longrope", seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A randomly initialised tiny Llama causal LM in eval mode (fp32, eager attention)."""
+def tiny_llama_model(
+    rope_type: str = "longrope", seed: int = 0, attn_implementation: str = "eager", **overrides
+) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama causal LM in eval mode (fp32, eager attention unless asked otherwise)."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(rope_type, attn_implementation="eager", **overrides)).eval()
+    config = tiny_llama_config(rope_type, attn_implementation=attn_implementation, **overrides)
+    return LlamaForCausalLM(config).eval()
 
 
 def reset_dynamic_rope(model) -> None:
@@ -279,3 +284,67 @@ def generate_errors(model, input_ids, attention_mask=None, **generate_kwargs):
         reference = no_cache_logits(model, outputs.sequences[:, :length], attention_mask=mask)
         errors.append((step_logits - reference).abs().max().item())
     return outputs.sequences, errors
+
+
+CONSISTENT_DECODING_AVAILABLE = Version("4.48") <= TRANSFORMERS_VERSION
+"""`patches.apply(consistent=True)` needs the shared attention functions of 4.48 and later."""
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def left_padding_mask(batch_size: int, length: int) -> torch.LongTensor:
+    """An attention mask whose rows after the first are left-padded by 3, 7 and 12 tokens."""
+    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+    for row, padding in enumerate((0, 3, 7, 12)[:batch_size]):
+        attention_mask[row, :padding] = 0
+    return attention_mask
+
+
+@torch.no_grad()
+def bitwise_mismatches(model, input_ids, prompt_length: int, attention_mask=None, past_key_values=None) -> list[int]:
+    """
+    Feeds `input_ids[:, :prompt_length]` through a cache, then one token at a time, and returns the sequence lengths
+    at which the decode step's logits differ in any bit from the forward pass without cache over the same tokens
+    (same attention mask, same positions).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = past_key_values if past_key_values is not None else new_cache("dynamic", model.config)
+
+    def inputs(start: int, end: int) -> dict:
+        return {
+            "input_ids": input_ids[:, start:end],
+            "attention_mask": attention_mask[:, :end],
+            "position_ids": positions[:, start:end],
+        }
+
+    model(**inputs(0, prompt_length), past_key_values=cache, use_cache=True)
+    mismatches = []
+    for length in range(prompt_length + 1, input_ids.shape[1] + 1):
+        step_logits = model(**inputs(length - 1, length), past_key_values=cache, use_cache=True).logits[:, -1]
+        reference = model(**inputs(0, length), use_cache=False).logits[:, -1]
+        if not torch.equal(step_logits, reference):
+            mismatches.append(length)
+    return mismatches
+
+
+@torch.no_grad()
+def greedy_with_and_without_cache(model, input_ids, max_new_tokens: int, attention_mask=None):
+    """Greedy `generate()` with a cache and with `use_cache=False`: both outputs (sequences and per-step logits)."""
+    outputs = []
+    for use_cache in (True, False):
+        outputs.append(
+            model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=use_cache,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+        )
+    return outputs

@@ -25,14 +25,19 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.testing_utils import require_torch
 
 from ...cache_consistency_utils import (
+    CONSISTENT_DECODING_AVAILABLE,
+    DTYPES,
     FP32_TOLERANCE,
     REPORTS_SPECULATIVE_LOGITS_PER_TOKEN,
     SWITCH_POINT,
     TRANSFORMERS_VERSION,
+    bitwise_mismatches,
     cached_decoding_logits,
     generate_errors,
+    greedy_with_and_without_cache,
     hand_written_loop_errors,
     left_padded_generate_row_errors,
+    left_padding_mask,
     new_cache,
     random_tokens,
     reset_dynamic_rope,
@@ -203,3 +208,89 @@ class LlamaUntouchedTest(unittest.TestCase):
             patched = cached_decoding_logits(model, input_ids, SWITCH_POINT - 2)
         for before, after in zip(unpatched, patched):
             self.assertTrue(torch.equal(before, after))
+
+
+ATTENTION_REQUESTS = ("eager", "sdpa")
+CONSISTENT_CASES = [(dtype, attention) for dtype in DTYPES for attention in ATTENTION_REQUESTS]
+
+
+@require_torch
+@unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+class LlamaConsistentDecodingTest(unittest.TestCase):
+    """
+    `patches.apply(consistent=True)`: every decode step's logits are bitwise those of the forward pass without cache
+    over the same tokens (`torch.equal`), for each dtype and attention request. Prompts of 37 and 5 tokens are no
+    multiple of the tiles (16 rows, 64 keys); the sequences cross several tile and block boundaries.
+    """
+
+    def model(self, dtype_name: str, attention: str):
+        return tiny_llama_model("default", attn_implementation=attention).to(DTYPES[dtype_name])
+
+    def test_decode_steps_differ_in_normal_mode(self):
+        # What consistent mode removes: fp32 rounding noise between the two computations (~1e-6, within tolerance)
+        model = self.model("fp32", "eager")
+        with patches.applied():
+            mismatches = bitwise_mismatches(model, random_tokens(90), prompt_length=37)
+        self.assertGreater(len(mismatches), 0)
+
+    @parameterized.expand(CONSISTENT_CASES)
+    def test_decode_steps_are_bitwise_equal_to_no_cache(self, dtype_name, attention):
+        model = self.model(dtype_name, attention)
+        with patches.applied(consistent=True):
+            for prompt_length in (37, 5):
+                self.assertEqual(bitwise_mismatches(model, random_tokens(110), prompt_length), [])
+
+    @parameterized.expand(
+        [(dtype, attention, batch_size) for dtype, attention in CONSISTENT_CASES for batch_size in (2, 3, 4)]
+    )
+    def test_left_padded_batches_are_bitwise_equal_to_no_cache(self, dtype_name, attention, batch_size):
+        model = self.model(dtype_name, attention)
+        input_ids = random_tokens(80, batch_size=batch_size)
+        with patches.applied(consistent=True):
+            mismatches = bitwise_mismatches(
+                model, input_ids, prompt_length=37, attention_mask=left_padding_mask(batch_size, 80)
+            )
+        self.assertEqual(mismatches, [])
+
+    @parameterized.expand(CONSISTENT_CASES)
+    def test_greedy_generation_with_cache_equals_without(self, dtype_name, attention):
+        model = self.model(dtype_name, attention)
+        with patches.applied(consistent=True):
+            cached, uncached = greedy_with_and_without_cache(model, random_tokens(21), max_new_tokens=110)
+        self.assertTrue(torch.equal(cached.sequences, uncached.sequences))
+        for step, (cached_logits, uncached_logits) in enumerate(zip(cached.logits, uncached.logits)):
+            self.assertTrue(torch.equal(cached_logits, uncached_logits), f"step {step}")
+
+    def test_left_padded_greedy_generation_with_cache_equals_without(self):
+        model = self.model("bf16", "sdpa")
+        attention_mask = left_padding_mask(4, 25)
+        with patches.applied(consistent=True):
+            cached, uncached = greedy_with_and_without_cache(
+                model, random_tokens(25, batch_size=4), max_new_tokens=100, attention_mask=attention_mask
+            )
+        self.assertTrue(torch.equal(cached.sequences, uncached.sequences))
+        self.assertTrue(all(torch.equal(a, b) for a, b in zip(cached.logits, uncached.logits)))
+
+    def test_normal_mode_is_untouched(self):
+        linear_forward = torch.nn.Linear.forward
+        with patches.applied() as status:
+            self.assertFalse(status.consistent)
+            self.assertIs(torch.nn.Linear.forward, linear_forward)
+        with patches.applied(consistent=True) as status:
+            self.assertTrue(status.consistent)
+            self.assertIsNot(torch.nn.Linear.forward, linear_forward)
+            # Switching back to normal mode restores the very same functions
+            patches.apply()
+            self.assertIs(torch.nn.Linear.forward, linear_forward)
+        self.assertIs(torch.nn.Linear.forward, linear_forward)
+
+
+@require_torch
+@unittest.skipIf(CONSISTENT_DECODING_AVAILABLE, "this release supports consistent decoding (tested above)")
+class LlamaConsistentDecodingUnavailableTest(unittest.TestCase):
+    def test_refuses_and_changes_nothing(self):
+        linear_forward = torch.nn.Linear.forward
+        with self.assertRaisesRegex(patches.ConsistentDecodingUnavailableError, "needs transformers>=4.48"):
+            patches.apply(consistent=True)
+        self.assertIs(torch.nn.Linear.forward, linear_forward)
+        self.assertFalse(patches.status().applied)

@@ -29,17 +29,22 @@ from transformers.utils import logging
 
 from ...cache_consistency_utils import (
     ACCEPTS_LEGACY_CACHE,
+    CONSISTENT_DECODING_AVAILABLE,
+    DTYPES,
     FP32_TOLERANCE,
     LOGITS_TO_KEEP_ARGUMENT,
     REPORTS_SPECULATIVE_LOGITS_PER_TOKEN,
     SUPPORTS_STATIC_CACHE_GENERATION,
     SWITCH_POINT,
+    bitwise_mismatches,
     cached_decoding_logits,
     cached_keys_and_values,
     generate_errors,
+    greedy_with_and_without_cache,
     hand_written_loop_errors,
     left_padded_batch,
     left_padded_generate_row_errors,
+    left_padding_mask,
     new_cache,
     no_cache_logits,
     random_tokens,
@@ -507,3 +512,45 @@ class Phi3UntouchedModelsTest(unittest.TestCase):
                 outputs = compiled_step(input_ids[:, -1:], **step_inputs)
         reference = no_cache_logits(model, input_ids)
         self.assertLessEqual((outputs.logits[:, -1] - reference).abs().max().item(), FP32_TOLERANCE)
+
+
+@require_torch
+@unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+class Phi3ConsistentDecodingTest(unittest.TestCase):
+    """
+    `consistent=True` with the default `stale_cache="recompute"`: across the longrope switch every decode step's
+    logits are bitwise those of the forward pass without cache over the same tokens, the recomputed prefix included.
+    """
+
+    @parameterized.expand([(dtype, attention) for dtype in DTYPES for attention in ("eager", "sdpa")])
+    def test_decode_steps_across_the_switch_are_bitwise_equal_to_no_cache(self, dtype_name, attention):
+        model = tiny_phi3_model(attn_implementation=attention).to(DTYPES[dtype_name])
+        with patches.applied(consistent=True):
+            mismatches = bitwise_mismatches(model, random_tokens(SWITCH_POINT + 40), prompt_length=SWITCH_POINT - 5)
+        self.assertEqual(mismatches, [])
+
+    @parameterized.expand([("static",), ("left_padded",)])
+    def test_across_the_switch_with_static_cache_or_left_padding(self, case):
+        model = tiny_phi3_model(attn_implementation="sdpa")
+        length = SWITCH_POINT + 30
+        batch_size = 3 if case == "left_padded" else 1
+        attention_mask = left_padding_mask(batch_size, length)
+        cache = new_cache("static", model.config) if case == "static" else None
+        with patches.applied(consistent=True):
+            mismatches = bitwise_mismatches(
+                model,
+                random_tokens(length, batch_size=batch_size),
+                prompt_length=SWITCH_POINT - 5,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+            )
+        self.assertEqual(mismatches, [])
+
+    def test_greedy_generation_across_the_switch_with_cache_equals_without(self):
+        model = tiny_phi3_model(attn_implementation="sdpa").to(torch.bfloat16)
+        with patches.applied(consistent=True):
+            cached, uncached = greedy_with_and_without_cache(
+                model, random_tokens(SWITCH_POINT - 10), max_new_tokens=100
+            )
+        self.assertTrue(torch.equal(cached.sequences, uncached.sequences))
+        self.assertTrue(all(torch.equal(a, b) for a, b in zip(cached.logits, uncached.logits)))
