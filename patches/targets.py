@@ -333,36 +333,24 @@ def phimoe_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upst
         return []
     rotary_embedding = modeling_phimoe.PhimoeRotaryEmbedding
     rotary_forward = upstream_attribute(rotary_embedding, "forward")
-    if "position_ids" in inspect.signature(rotary_forward).parameters:
+    frequencies_per_row = "position_ids" in inspect.signature(rotary_forward).parameters
+    if frequencies_per_row:
         from modeling_overrides.models.phimoe import modeling_phimoe as phimoe_overrides
 
-        rotary_binding = Binding(
-            name="PhimoeRotaryEmbedding.forward",
-            owner=rotary_embedding,
-            attribute="forward",
-            replacement=lambda original: phimoe_overrides.PhimoeRotaryEmbedding.forward,
-            check=all_checks(
-                expect_parameters(["self", "x", "position_ids"]),
-                expect_source("self.rope_init_fn(self.config)", "long_mscale", "short_mscale"),
-            ),
-        )
-        frequencies_per_row = True
+        expected_parameters = ["self", "x", "position_ids"]
+        fingerprint = ("self.rope_init_fn(self.config)", "long_mscale", "short_mscale")
     else:
         from modeling_overrides.models.phimoe import modeling_phimoe_v4_57 as phimoe_overrides
 
-        rotary_binding = Binding(
-            name="PhimoeRotaryEmbedding.forward",
-            owner=rotary_embedding,
-            attribute="forward",
-            replacement=lambda original: phimoe_overrides.PhimoeRotaryEmbedding.forward,
-            check=all_checks(
-                expect_parameters(["self", "x", "seq_len"]),
-                expect_source(
-                    "self.rope_init_fn(self.config, x.device, seq_len)", "long_mscale", "torch.arange(seq_len"
-                ),
-            ),
-        )
-        frequencies_per_row = False
+        expected_parameters = ["self", "x", "seq_len"]
+        fingerprint = ("self.rope_init_fn(self.config, x.device, seq_len)", "long_mscale", "torch.arange(seq_len")
+    rotary_binding = Binding(
+        name="PhimoeRotaryEmbedding.forward",
+        owner=rotary_embedding,
+        attribute="forward",
+        replacement=lambda original: phimoe_overrides.PhimoeRotaryEmbedding.forward,
+        check=all_checks(expect_parameters(expected_parameters), expect_source(*fingerprint)),
+    )
     bindings = [rotary_binding]
     if _tracks_any_cache(stale_cache_policy):
         bindings += cache_bindings(

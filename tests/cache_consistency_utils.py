@@ -8,6 +8,7 @@ import inspect
 import torch
 from packaging.version import Version
 
+import patches
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
 
@@ -348,3 +349,37 @@ def greedy_with_and_without_cache(model, input_ids, max_new_tokens: int, attenti
             )
         )
     return outputs
+
+
+class LongRopeDecodingTesterMixin:
+    """
+    The decoding paths every longrope model is tested on across the switch, for a `unittest.TestCase` whose `setUp`
+    builds `self.model` (a tiny longrope causal LM switching after `SWITCH_POINT` tokens): hand-written loops through
+    a dynamic cache, a static cache and 3-token chunks, and greedy `generate()`, against the no-cache reference; and
+    upstream's hand-written loop, stale.
+    """
+
+    def assertMatchesNoCache(self, errors):
+        self.assertGreater(len(errors), 0)
+        self.assertLessEqual(max(errors), FP32_TOLERANCE, f"max |Δlogit| per step: {errors}")
+
+    def test_hand_written_loops_match_no_cache(self):
+        for cache_kind, chunk_size in (("dynamic", 1), ("static", 1), ("dynamic", 3)):
+            with self.subTest(cache=cache_kind, chunk_size=chunk_size), patches.applied():
+                errors, _ = hand_written_loop_errors(
+                    self.model,
+                    random_tokens(SWITCH_POINT + 8),
+                    SWITCH_POINT - 4,
+                    past_key_values=new_cache(cache_kind, self.model.config),
+                    chunk_size=chunk_size,
+                )
+                self.assertMatchesNoCache(errors)
+
+    def test_upstream_hand_written_loop_is_stale(self):
+        errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 4), SWITCH_POINT - 2)
+        self.assertGreater(max(errors), 0.1)
+
+    def test_generate_matches_no_cache(self):
+        with patches.applied():
+            _, errors = generate_errors(self.model, random_tokens(SWITCH_POINT - 3), max_new_tokens=8, do_sample=False)
+        self.assertMatchesNoCache(errors)

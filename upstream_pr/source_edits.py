@@ -48,6 +48,16 @@ def _method(text: str, class_name: str, method_name: str) -> ast.FunctionDef | N
     return find_function(class_node.body, method_name) if class_node is not None else None
 
 
+def _located_method(text: str, class_name: str, method_name: str) -> tuple[ast.FunctionDef, list[str], int, int, str]:
+    """`class_name.method_name` in `text`: its node, the text's lines, its `[start, end)` span and its indentation."""
+    method = _method(text, class_name, method_name)
+    if method is None:
+        raise LookupError(f"{class_name}.{method_name} is not defined here")
+    lines = _lines(text)
+    start, end = _span(method)
+    return method, lines, start, end, lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+
+
 def decorator_names(function: ast.FunctionDef) -> list[str]:
     return [ast.unparse(decorator) for decorator in function.decorator_list]
 
@@ -61,14 +71,9 @@ class AddDecorator:
     decorator: str
 
     def apply(self, text: str) -> str:
-        method = _method(text, self.class_name, self.method_name)
-        if method is None:
-            raise LookupError(f"{self.class_name}.{self.method_name} is not defined here")
+        method, lines, start, _, indent = _located_method(text, self.class_name, self.method_name)
         if self.decorator in decorator_names(method):
             return text
-        lines = _lines(text)
-        start, _ = _span(method)
-        indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
         return "".join([*lines[:start], f"{indent}@{self.decorator}\n", *lines[start:]])
 
 
@@ -84,12 +89,7 @@ class ReplaceMethod:
     source: str
 
     def apply(self, text: str) -> str:
-        method = _method(text, self.class_name, self.method_name)
-        if method is None:
-            raise LookupError(f"{self.class_name}.{self.method_name} is not defined here")
-        lines = _lines(text)
-        start, end = _span(method)
-        indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+        _, lines, start, end, indent = _located_method(text, self.class_name, self.method_name)
         if start > 0 and lines[start - 1].strip().startswith("# Copied from"):
             # The replacement is no copy of that method any more
             start -= 1
@@ -108,12 +108,7 @@ class AddMethod:
     def apply(self, text: str) -> str:
         if _method(text, self.class_name, self.method_name) is not None:
             raise LookupError(f"{self.class_name}.{self.method_name} is already defined here")
-        anchor = _method(text, self.class_name, self.after)
-        if anchor is None:
-            raise LookupError(f"{self.class_name}.{self.after} is not defined here")
-        lines = _lines(text)
-        _, end = _span(anchor)
-        indent = lines[anchor.lineno - 1][: len(lines[anchor.lineno - 1]) - len(lines[anchor.lineno - 1].lstrip())]
+        _, lines, _, end, indent = _located_method(text, self.class_name, self.after)
         return "".join([*lines[:end], "\n", *_indented(self.source, indent), *lines[end:]])
 
 

@@ -16,19 +16,17 @@
 import unittest
 
 import torch
-from parameterized import parameterized
 
 import patches
 from modeling_overrides.rope_cache_utils import StaleRopeCacheError
 from transformers.testing_utils import require_torch
 
 from ...cache_consistency_utils import (
-    FP32_TOLERANCE,
     SWITCH_POINT,
     TINY_DECODER,
+    LongRopeDecodingTesterMixin,
     _rope_config,
     generate_errors,
-    hand_written_loop_errors,
     left_padded_generate_row_errors,
     new_cache,
     random_tokens,
@@ -86,33 +84,9 @@ def image_inputs() -> dict:
 
 @require_torch
 @unittest.skipIf(Phi4MultimodalForCausalLM is None, "Phi-4-multimodal arrived in transformers 4.51")
-class Phi4MultimodalLongRopeTest(unittest.TestCase):
+class Phi4MultimodalLongRopeTest(LongRopeDecodingTesterMixin, unittest.TestCase):
     def setUp(self):
         self.model = tiny_phi4_multimodal_model()
-
-    def assertMatchesNoCache(self, errors):
-        self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
-
-    @parameterized.expand([("dynamic", "dynamic", 1), ("static", "static", 1), ("chunks", "dynamic", 3)])
-    def test_hand_written_loop_matches_no_cache(self, _, cache_kind, chunk_size):
-        with patches.applied():
-            errors, _ = hand_written_loop_errors(
-                self.model,
-                random_tokens(SWITCH_POINT + 8),
-                SWITCH_POINT - 4,
-                past_key_values=new_cache(cache_kind, self.model.config),
-                chunk_size=chunk_size,
-            )
-        self.assertMatchesNoCache(errors)
-
-    def test_upstream_hand_written_loop_is_stale(self):
-        errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 4), SWITCH_POINT - 2)
-        self.assertGreater(max(errors), 0.1)
-
-    def test_generate_matches_no_cache(self):
-        with patches.applied():
-            _, errors = generate_errors(self.model, random_tokens(SWITCH_POINT - 3), max_new_tokens=8, do_sample=False)
-        self.assertMatchesNoCache(errors)
 
     def test_generate_with_image_inputs_matches_no_cache(self):
         # `generate()` passes the image inputs at every step: its refeed at the switch has them all

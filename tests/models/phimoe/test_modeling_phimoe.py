@@ -18,22 +18,18 @@ import unittest
 
 import torch
 from packaging.version import Version
-from parameterized import parameterized
 
 import patches
 from transformers.testing_utils import require_torch
 
 from ...cache_consistency_utils import (
-    FP32_TOLERANCE,
     SWITCH_POINT,
     TINY_DECODER,
     TRANSFORMERS_VERSION,
+    LongRopeDecodingTesterMixin,
     generate_errors,
-    hand_written_loop_errors,
     left_padded_batch,
     left_padded_generate_row_errors,
-    new_cache,
-    random_tokens,
 )
 
 
@@ -77,7 +73,7 @@ builds one table for the batch's first `seq_len` positions, so the factors are c
 
 @require_torch
 @unittest.skipIf(Version("4.46") > TRANSFORMERS_VERSION, "PhiMoE arrived in transformers 4.46")
-class PhimoeLongRopeTest(unittest.TestCase):
+class PhimoeLongRopeTest(LongRopeDecodingTesterMixin, unittest.TestCase):
     def setUp(self):
         self.model = tiny_phimoe_model()
 
@@ -88,9 +84,6 @@ class PhimoeLongRopeTest(unittest.TestCase):
         if ROTARY_TAKES_POSITIONS:
             return rotary_embedding(hidden, position_ids=torch.arange(length)[None])[0][0]
         return rotary_embedding(hidden, seq_len=torch.tensor(length))[0]
-
-    def assertMatchesNoCache(self, errors):
-        self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
 
     @unittest.skipUnless(ROTARY_TAKES_POSITIONS, "4.46-4.57 switch the factors, by the cache index")
     def test_upstream_never_switches_to_the_long_factors(self):
@@ -109,27 +102,6 @@ class PhimoeLongRopeTest(unittest.TestCase):
         )
         self.assertAlmostEqual(short_cos[1, 0].item(), SHORT_MSCALE * math.cos(position_one_angle), places=5)
         self.assertFalse(torch.allclose(short_cos[1] / SHORT_MSCALE, long_cos[1] / LONG_MSCALE))
-
-    @parameterized.expand([("dynamic", "dynamic", 1), ("static", "static", 1), ("chunks", "dynamic", 3)])
-    def test_hand_written_loop_matches_no_cache(self, _, cache_kind, chunk_size):
-        with patches.applied():
-            errors, _ = hand_written_loop_errors(
-                self.model,
-                random_tokens(SWITCH_POINT + 8),
-                SWITCH_POINT - 4,
-                past_key_values=new_cache(cache_kind, self.model.config),
-                chunk_size=chunk_size,
-            )
-        self.assertMatchesNoCache(errors)
-
-    def test_upstream_hand_written_loop_is_stale(self):
-        errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 4), SWITCH_POINT - 2)
-        self.assertGreater(max(errors), 0.1)
-
-    def test_generate_matches_no_cache(self):
-        with patches.applied():
-            _, errors = generate_errors(self.model, random_tokens(SWITCH_POINT - 3), max_new_tokens=8, do_sample=False)
-        self.assertMatchesNoCache(errors)
 
     @unittest.skipUnless(ROTARY_TAKES_POSITIONS, "4.46-4.57 choose the factors for the whole batch")
     def test_each_row_of_a_left_padded_batch_matches_that_row_alone(self):
