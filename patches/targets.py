@@ -14,7 +14,11 @@ the one its replacement was written for; a function that differs is refused, not
 
 In every release, `Phi3Model.forward` is decorated with `check_rope_cache`, and the causal LM's
 `prepare_inputs_for_generation` with `check_rope_cache_in_generation`; from 4.45 on, that decorates the generic
-implementation instead of Phi-3's own, whose only addition is dropping the cache at the switch.
+implementation instead of Phi-3's own, whose only addition is dropping the cache at the switch. The same decorators
+go on PhiMoE, Phi-4-multimodal and the models of `STANDARD_ROPE_MODELS`.
+
+With `consistent=True`, `consistent_decoding_bindings` also replaces `torch.nn.Linear.forward` and, in the modeling
+modules of `CONSISTENT_DECODING_MODELS`, `eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module attributes).
 """
 
 import inspect
