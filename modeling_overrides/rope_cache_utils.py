@@ -293,7 +293,7 @@ class RopeCacheRecord:
         self.regime = regime
         self.chunks = chunks
         self.length = sum(chunk.length for chunk in chunks)
-        self._forget_inputs_of_other_modalities()
+        self._forget_inputs_of_other_modalities(chunks)
 
     def append(self, chunk: _FedChunk, regime: str | None):
         if self.chunks is not None:
@@ -302,11 +302,11 @@ class RopeCacheRecord:
                 self.chunks = _merge_chunks(self.chunks)
         self.length += chunk.length
         self.regime = regime
-        self._forget_inputs_of_other_modalities()
+        self._forget_inputs_of_other_modalities([chunk])
 
-    def _forget_inputs_of_other_modalities(self):
+    def _forget_inputs_of_other_modalities(self, new_chunks: list[_FedChunk]):
         # Token ids alone do not give back what a model made of them with images or audio
-        other_inputs = sorted({name for chunk in self.chunks or [] for name in chunk.other_inputs})
+        other_inputs = sorted({name for chunk in new_chunks for name in chunk.other_inputs})
         if other_inputs:
             names = ", ".join(f"`{name}`" for name in other_inputs)
             self.forget_inputs(f"tokens were fed with {names}, which the cache record does not keep")
