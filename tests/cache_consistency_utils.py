@@ -10,6 +10,7 @@ from packaging.version import Version
 
 import patches
 import transformers
+from modeling_overrides.rope_cache_utils import rope_frequency_regime
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
 
 
@@ -48,17 +49,21 @@ DYNAMIC_NTK_FACTOR = 2.0
 """`factor` of the tiny dynamic NTK models, whose frequencies change past `max_position_embeddings`."""
 
 
-def _rope_config(rope_type: str, switch_point: int, head_dim: int, type_key: str = "type") -> dict:
+def _rope_config(
+    rope_type: str, switch_point: int, head_dim: int, type_key: str = "type", longrope_factors=None
+) -> dict:
     """
     RoPE settings as each release spells them: `rope_parameters` on 5.x, `rope_scaling` before (Phi-3's 4.x config
-    wants the key `type`, other models accept `rope_type`).
+    wants the key `type`, other models accept `rope_type`). `longrope_factors` is `(short, long)`, by default factors
+    far apart, so that a stale cache is obvious.
     """
     scaling = {}
     if rope_type == "longrope":
-        scaling = {
-            "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
-            "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
-        }
+        short_factor, long_factor = longrope_factors or (
+            [1.0 + 0.25 * i for i in range(head_dim // 2)],
+            [4.0 + 2.0 * i for i in range(head_dim // 2)],
+        )
+        scaling = {"short_factor": list(short_factor), "long_factor": list(long_factor)}
     elif rope_type == "dynamic":
         scaling = {"factor": DYNAMIC_NTK_FACTOR}
     if TRANSFORMERS_VERSION.major >= 5:
@@ -68,6 +73,16 @@ def _rope_config(rope_type: str, switch_point: int, head_dim: int, type_key: str
         return {"rope_parameters": rope_parameters}
     rope_scaling = {type_key: rope_type, **scaling} if rope_type != "default" else None
     return {"rope_scaling": rope_scaling, "rope_theta": 10000.0}
+
+
+def longrope_factor_profile(head_dim: int) -> tuple[list[float], list[float]]:
+    """
+    `(short_factor, long_factor)` shaped like those of the long-context Phi-3 checkpoints: close to 1 for the
+    fast-rotating dimensions, rising for the slow ones to about 2.5 (short) and 64 (long). Written here, not read from a
+    checkpoint: the real-size tests and the benchmark use it with random weights.
+    """
+    steps = [i / (head_dim // 2 - 1) for i in range(head_dim // 2)]
+    return [1.0 + 1.5 * t**4 for t in steps], [1.0 + 63.0 * t**3 for t in steps]
 
 
 TINY_DECODER = {
@@ -86,15 +101,21 @@ TINY_DECODER = {
 """The sizes and special tokens shared by the tiny models (head dimension 8)."""
 
 
-def tiny_phi3_config(rope_type: str = "longrope", switch_point: int = SWITCH_POINT, **overrides) -> Phi3Config:
-    """A two-layer Phi-3 config whose longrope factors switch after `switch_point` tokens."""
-    head_dim = 8
+def tiny_phi3_config(
+    rope_type: str = "longrope", switch_point: int = SWITCH_POINT, longrope_factors=None, **overrides
+) -> Phi3Config:
+    """
+    A two-layer Phi-3 config whose longrope factors switch after `switch_point` tokens. `overrides` may change the
+    sizes too (the factors follow the head dimension); `longrope_factors` is `(short, long)` (see `_rope_config`).
+    """
+    sizes = {**TINY_DECODER, **overrides}
+    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
     config = {
         **TINY_DECODER,
         "max_position_embeddings": 4 * switch_point,
         # On 5.x the switch point must also be given at the top level, or it silently stays 4096
         "original_max_position_embeddings": switch_point,
-        **_rope_config(rope_type, switch_point, head_dim),
+        **_rope_config(rope_type, switch_point, head_dim, longrope_factors=longrope_factors),
         **overrides,
     }
     return Phi3Config(**config)
@@ -150,15 +171,18 @@ def reset_dynamic_rope(model) -> None:
             module.max_seq_len_cached = module.original_max_seq_len
 
 
-def new_cache(kind: str, config, max_cache_len: int = 3 * SWITCH_POINT):
-    """An empty `"dynamic"` or `"static"` cache for a model with `config`, built as the installed release wants it."""
+def new_cache(kind: str, config, max_cache_len: int = 3 * SWITCH_POINT, device="cpu", dtype=torch.float32):
+    """
+    An empty `"dynamic"` or `"static"` cache for a model with `config`, built as the installed release wants it
+    (releases that allocate a static cache up front take its `device` and `dtype`; later ones follow the first keys).
+    """
     if kind == "dynamic":
         accepts_config = "config" in inspect.signature(DynamicCache.__init__).parameters
         return DynamicCache(config=config) if accepts_config else DynamicCache()
     parameters = inspect.signature(StaticCache.__init__).parameters
     if "max_batch_size" in parameters:
-        device = {"device": "cpu"} if "device" in parameters else {}
-        return StaticCache(config=config, max_batch_size=1, max_cache_len=max_cache_len, dtype=torch.float32, **device)
+        device = {"device": device} if "device" in parameters else {}
+        return StaticCache(config=config, max_batch_size=1, max_cache_len=max_cache_len, dtype=dtype, **device)
     return StaticCache(config=config, max_cache_len=max_cache_len)
 
 
@@ -285,6 +309,39 @@ def generate_errors(model, input_ids, attention_mask=None, **generate_kwargs):
         reference = no_cache_logits(model, outputs.sequences[:, :length], attention_mask=mask)
         errors.append((step_logits - reference).abs().max().item())
     return outputs.sequences, errors
+
+
+@torch.no_grad()
+def compiled_decode_step_errors(model, input_ids, prompt_length: int, max_cache_len: int, backend: str):
+    """
+    A hand-written loop whose decode steps run `torch.compile(model.forward, fullgraph=True, backend=backend)` over a
+    static cache; the prompt is prefilled eagerly. The cache bookkeeping cannot run inside a graph, so the compiled
+    steps leave the cache unrecorded: at the step whose sequence needs other frequencies, the loop feeds the whole
+    sequence again, eagerly, through the emptied cache (the remedy `StaleRopeCacheError` names). Returns, for each
+    sequence length after the prompt, the max |Δlogit| of the step against the forward pass without cache.
+    """
+    cache = new_cache("static", model.config, max_cache_len, device=model.device, dtype=model.dtype)
+    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+
+    def forward(function, start: int, end: int):
+        # Releases before 5.0 derive positions from `cache_position`, which `generate()` passes
+        inputs = {"past_key_values": cache}
+        if takes_cache_position:
+            inputs["cache_position"] = torch.arange(start, end, device=model.device)
+        return function(input_ids[:, start:end], **inputs).logits[:, -1]
+
+    forward(model, 0, prompt_length)
+    compiled_forward = torch.compile(model.forward, fullgraph=True, backend=backend)
+    errors = {}
+    for length in range(prompt_length + 1, input_ids.shape[1] + 1):
+        if rope_frequency_regime(model.config, length) != rope_frequency_regime(model.config, length - 1):
+            cache.reset()
+            logits = forward(model, 0, length)
+        else:
+            logits = forward(compiled_forward, length - 1, length)
+        reference = no_cache_logits(model, input_ids[:, :length])
+        errors[length] = (logits.float() - reference.float()).abs().max().item()
+    return errors
 
 
 CONSISTENT_DECODING_AVAILABLE = Version("4.48") <= TRANSFORMERS_VERSION

@@ -1,0 +1,569 @@
+"""
+What the patches cost, measured side by side in one process on a random-weight longrope Phi-3 (no downloads).
+
+Every figure is a median over repeated runs after warm-up, with the min and max; each ratio divides two medians
+taken in the same run, the two sides alternating so that drifts of the machine fall on both:
+
+- decode step, patched / unpatched, far from the switch (the bookkeeping of an ordinary step);
+- the step that crosses the switch with `stale_cache="recompute"`, divided by a plain prefill of the same length
+  (one prefill is the physical limit of an exact recompute), and with `"rerotate"`;
+- `generate()` across the switch, patched / unpatched, in tokens per second;
+- a left-padded batch of 8 whose rows cross at 8 different steps: recomputing the crossing rows only, versus
+  recomputing the whole batch whenever a row crosses;
+- `consistent=True` against normal mode: prefill, decode step, whole generation;
+- the switch cost for several prefix lengths (a model per switch point, same weights): a table and a PNG.
+
+Prints the tables and writes `bench.json` (and `switch_cost.png` when matplotlib is installed) to `--output-dir`.
+
+    python scripts/benchmark.py --output-dir out/bench
+    python scripts/benchmark.py --device cuda      # a Phi-3-mini-128k-shaped model in bf16
+"""
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import patches
+import transformers
+from tests.cache_consistency_utils import (
+    CONSISTENT_DECODING_AVAILABLE,
+    LOGITS_TO_KEEP_ARGUMENT,
+    longrope_factor_profile,
+    new_cache,
+    random_tokens,
+    tiny_phi3_config,
+)
+from transformers import Phi3ForCausalLM
+
+
+BENCH_MODELS = {
+    # Big enough that a step is real work on a CPU (about 33M parameters), switching after 512 tokens
+    "small-phi3": {
+        "vocab_size": 8192,
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "switch_point": 512,
+        "dtype": "fp32",
+    },
+    # Phi-3-mini-128k's shape, random weights
+    "phi3-mini": {
+        "vocab_size": 32064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "switch_point": 4096,
+        "dtype": "bf16",
+    },
+    # The test suite's size, to check the script itself in seconds
+    "tiny-phi3": {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "switch_point": 32,
+        "dtype": "fp32",
+    },
+}
+"""Random-weight longrope Phi-3 models by name: config sizes, switch point (`original_max_position_embeddings`) and
+dtype."""
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+BATCH_SIZE = 8
+"""Rows of the batch benchmark; row `i` crosses the switch at decode step `2 * i + 1`."""
+
+
+def build_model(name: str, switch_point: int, max_length: int, device: str, attention: str, seed: int = 0):
+    """A random-weight longrope Phi-3 of `BENCH_MODELS[name]`'s sizes, switching after `switch_point` tokens."""
+    sizes = dict(BENCH_MODELS[name])
+    sizes.pop("switch_point")
+    dtype = DTYPES[sizes.pop("dtype")]
+    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
+    config = tiny_phi3_config(
+        switch_point=switch_point,
+        longrope_factors=longrope_factor_profile(head_dim),
+        max_position_embeddings=max(4 * switch_point, max_length),
+        initializer_range=0.02,
+        attn_implementation=attention,
+        **sizes,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Phi3ForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def summary(seconds: list[float]) -> dict:
+    return {"median_ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds), "max_ms": 1e3 * max(seconds)}
+
+
+def side_by_side(cases: dict, repeats: int, warmup: int, device: str) -> dict:
+    """
+    Times each case `warmup + repeats` times, the cases alternating. A case is `(context, setup, run)`: `setup()`
+    runs untimed inside `context()` and returns the argument of `run`, which is timed (one or several durations).
+    """
+    seconds = {name: [] for name in cases}
+    for repeat in range(warmup + repeats):
+        for name, (context, setup, run) in cases.items():
+            with context(), torch.no_grad():
+                state = setup()
+                durations = run(state)
+            if repeat >= warmup:
+                seconds[name].extend(durations)
+    return {name: summary(times) for name, times in seconds.items()}
+
+
+def timed(device: str, function, *args, **kwargs) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    function(*args, **kwargs)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def prefilled_cache(model, input_ids):
+    cache = new_cache("dynamic", model.config)
+    model(input_ids, past_key_values=cache)
+    return cache
+
+
+def decode_steps(model, cache, tokens, device: str) -> list[float]:
+    """Feeds `tokens` one at a time through `cache`; the duration of each step."""
+    return [timed(device, model, tokens[:, i : i + 1], past_key_values=cache) for i in range(tokens.shape[1])]
+
+
+def greedy_generate(model, prompt, new_tokens: int):
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
+def ratio(numerator: dict, denominator: dict) -> float:
+    return numerator["median_ms"] / denominator["median_ms"]
+
+
+def unpatched():
+    return contextlib.nullcontext()
+
+
+def patched(**apply_kwargs):
+    def context():
+        stack = contextlib.ExitStack()
+        stack.enter_context(patches.applied(**apply_kwargs))
+        # `warn` and `rerotate` say what they do once per cache; the benchmark knows
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore", patches.StaleRopeCacheWarning)
+        return stack
+
+    return context
+
+
+def bench_decode_step(model, args) -> dict:
+    """
+    Ordinary decode steps, a quarter of the switch point in: patched / unpatched. Each repeat decodes 16 steps on
+    each side in turn; the ratio is the median over repeats of the ratio of their median steps, so that a drift of
+    the machine falls on both sides of each pair.
+    """
+    prompt = random_tokens(args.switch_point // 4, vocab_size=model.config.vocab_size, seed=1).to(args.device)
+    steps = random_tokens(16, vocab_size=model.config.vocab_size, seed=2).to(args.device)
+    seconds = {"unpatched": [], "patched": []}
+    paired_ratios = []
+    for repeat in range(args.warmup + args.repeats):
+        block = {}
+        for name, context in (("unpatched", unpatched), ("patched", patched())):
+            with context(), torch.no_grad():
+                block[name] = decode_steps(model, prefilled_cache(model, prompt), steps, args.device)
+        if repeat >= args.warmup:
+            for name, durations in block.items():
+                seconds[name].extend(durations)
+            paired_ratios.append(statistics.median(block["patched"]) / statistics.median(block["unpatched"]))
+    return {
+        "timings": {name: summary(times) for name, times in seconds.items()},
+        "ratio": statistics.median(paired_ratios),
+    }
+
+
+def bench_switch_step(model, switch_point: int, args) -> dict:
+    """The step that crosses the switch (a cache of `switch_point` tokens, one more fed) under each policy, and a
+    plain prefill of `switch_point + 1` tokens into an empty cache."""
+    tokens = random_tokens(switch_point + 1, vocab_size=model.config.vocab_size, seed=3).to(args.device)
+    prefix, crossing = tokens[:, :switch_point], tokens[:, switch_point:]
+
+    def crossing_step(cache):
+        return [timed(args.device, model, crossing, past_key_values=cache)]
+
+    # The last token's logits only, as `generate()` prefills (and as the recompute returns the caller's logits only)
+    last_logits_only = {LOGITS_TO_KEEP_ARGUMENT: 1} if LOGITS_TO_KEEP_ARGUMENT else {}
+
+    def plain_prefill(_):
+        cache = new_cache("dynamic", model.config)
+        return [timed(args.device, model, tokens, past_key_values=cache, **last_logits_only)]
+
+    cases = {
+        "recompute": (patched(stale_cache="recompute"), lambda: prefilled_cache(model, prefix), crossing_step),
+        "rerotate": (patched(stale_cache="rerotate"), lambda: prefilled_cache(model, prefix), crossing_step),
+        "stale (upstream loop)": (unpatched, lambda: prefilled_cache(model, prefix), crossing_step),
+        "plain prefill": (patched(), lambda: None, plain_prefill),
+    }
+    timings = side_by_side(cases, args.repeats, args.warmup, args.device)
+    return {
+        "prefix_length": switch_point,
+        "timings": timings,
+        "recompute / prefill": ratio(timings["recompute"], timings["plain prefill"]),
+        "rerotate / recompute": ratio(timings["rerotate"], timings["recompute"]),
+    }
+
+
+def bench_generate(model, args) -> dict:
+    """Greedy `generate()` from an eighth of the switch point before it to as far after it: patched / unpatched."""
+    margin = args.switch_point // 8
+    prompt = random_tokens(args.switch_point - margin, vocab_size=model.config.vocab_size, seed=4).to(args.device)
+    new_tokens = 2 * margin
+
+    def run(_):
+        return [timed(args.device, greedy_generate, model, prompt, new_tokens)]
+
+    timings = side_by_side(
+        {"unpatched": (unpatched, lambda: None, run), "patched": (patched(), lambda: None, run)},
+        args.repeats,
+        args.warmup,
+        args.device,
+    )
+    tokens_per_second = {name: 1e3 * new_tokens / timing["median_ms"] for name, timing in timings.items()}
+    return {
+        "new_tokens": new_tokens,
+        "timings": timings,
+        "tokens_per_second": tokens_per_second,
+        "ratio": ratio(timings["patched"], timings["unpatched"]),
+    }
+
+
+def left_padded_rows(model, args):
+    """A batch of `BATCH_SIZE` rows of different lengths, left-padded: row `i` crosses the switch at decode step
+    `2 * i + 1`. Returns the prompt, its mask and the tokens fed at each step."""
+    steps = 2 * BATCH_SIZE
+    switch_point = model.config.original_max_position_embeddings
+    prompt = random_tokens(switch_point, batch_size=BATCH_SIZE, vocab_size=model.config.vocab_size, seed=5)
+    attention_mask = torch.ones_like(prompt)
+    for row in range(BATCH_SIZE):
+        attention_mask[row, : 2 * row] = 0
+        prompt[row, : 2 * row] = 0
+    fed = random_tokens(steps, batch_size=BATCH_SIZE, vocab_size=model.config.vocab_size, seed=6)
+    return prompt.to(args.device), attention_mask.to(args.device), fed.to(args.device)
+
+
+def batch_decode(model, prompt, attention_mask, fed, device: str, whole_batch: bool):
+    """
+    Decodes `fed` one token per step through a cache after `prompt`; returns the step durations and the last logits.
+    `whole_batch`: when a row crosses the switch, the whole batch is run again without cache into a new cache (as
+    `generate()` does upstream when it drops the cache); otherwise the patches recompute the crossing rows only.
+    """
+    sequence, mask = prompt, attention_mask
+    row_lengths = attention_mask.sum(-1).tolist()
+    switch_point = model.config.original_max_position_embeddings
+    cache = prefilled_cache_with_mask(model, prompt, attention_mask)
+    durations, logits = [], None
+    for step in range(fed.shape[1]):
+        sequence = torch.cat([sequence, fed[:, step : step + 1]], dim=-1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        crossing = any(length + step + 1 == switch_point + 1 for length in row_lengths)
+        synchronize(device)
+        start = time.perf_counter()
+        if whole_batch and crossing:
+            cache = new_cache("dynamic", model.config)
+            logits = model(sequence, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        else:
+            logits = model(
+                sequence[:, -1:], attention_mask=mask, position_ids=positions[:, -1:], past_key_values=cache
+            ).logits
+        synchronize(device)
+        durations.append(time.perf_counter() - start)
+    return durations, logits[:, -1]
+
+
+def prefilled_cache_with_mask(model, prompt, attention_mask):
+    cache = new_cache("dynamic", model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    model(prompt, attention_mask=attention_mask, position_ids=positions, past_key_values=cache)
+    return cache
+
+
+def bench_batch(model, args) -> dict:
+    """
+    A batch of 8 whose rows cross at 8 different steps: crossing rows only / whole batch, over 16 steps. On a model
+    switching at a quarter of the switch point (same weights), to keep the whole-batch side short.
+    """
+    switch_point = max(args.switch_point // 4, 4 * BATCH_SIZE)
+    model = switching_at(model, switch_point, args)
+    prompt, attention_mask, fed = left_padded_rows(model, args)
+    last_logits = {}
+
+    def run(whole_batch: bool):
+        def steps(_):
+            durations, last_logits[whole_batch] = batch_decode(
+                model, prompt, attention_mask, fed, args.device, whole_batch
+            )
+            return [sum(durations)]
+
+        return steps
+
+    timings = side_by_side(
+        {
+            "crossing rows only": (patched(), lambda: None, run(False)),
+            "whole batch": (patched(), lambda: None, run(True)),
+        },
+        args.repeats,
+        args.warmup,
+        args.device,
+    )
+    return {
+        "switch_point": switch_point,
+        "batch_size": BATCH_SIZE,
+        "steps": fed.shape[1],
+        "timings": timings,
+        "ratio": ratio(timings["crossing rows only"], timings["whole batch"]),
+        # Both strategies are exact: their logits agree to rounding
+        "max_abs_logit_difference": (last_logits[False] - last_logits[True]).abs().max().item(),
+    }
+
+
+def bench_consistent(model, args) -> dict:
+    """`consistent=True` against normal mode (both patched): prefill, decode step, whole generation (no switch)."""
+    if not CONSISTENT_DECODING_AVAILABLE:
+        return {"skipped": f"consistent decoding needs transformers 4.48 or later, found {transformers.__version__}"}
+    vocab_size = model.config.vocab_size
+    prompt = random_tokens(args.switch_point, vocab_size=vocab_size, seed=7).to(args.device)
+    short_prompt = prompt[:, : args.switch_point // 4]
+    steps = random_tokens(16, vocab_size=vocab_size, seed=8).to(args.device)
+    new_tokens = 64
+    results = {}
+    measurements = {
+        "prefill": (lambda: None, lambda _: [timed(args.device, model, prompt, use_cache=True)]),
+        "decode step": (
+            lambda: prefilled_cache(model, short_prompt),
+            lambda cache: decode_steps(model, cache, steps, args.device),
+        ),
+        "generation": (lambda: None, lambda _: [timed(args.device, greedy_generate, model, short_prompt, new_tokens)]),
+    }
+    for name, (setup, run) in measurements.items():
+        timings = side_by_side(
+            {"normal": (patched(), setup, run), "consistent": (patched(consistent=True), setup, run)},
+            args.repeats,
+            args.warmup,
+            args.device,
+        )
+        results[name] = {"timings": timings, "ratio": ratio(timings["consistent"], timings["normal"])}
+    return results
+
+
+def bench_switch_cost(model, args) -> list[dict]:
+    """`bench_switch_step` for each prefix length: a model switching there, with the same weights."""
+    return [
+        bench_switch_step(switching_at(model, prefix_length, args), prefix_length, args)
+        for prefix_length in args.prefix_lengths
+    ]
+
+
+def switching_at(model, switch_point: int, args):
+    """`model` (by reference) if it switches at `switch_point`, otherwise a model with its weights that does."""
+    if model.config.original_max_position_embeddings == switch_point:
+        return model
+    switching_model = build_model(args.model, switch_point, 2 * max(args.prefix_lengths), args.device, args.attention)
+    switching_model.load_state_dict(model.state_dict())
+    return switching_model
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    facts = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
+
+
+def format_timing(timing: dict) -> str:
+    return f"{timing['median_ms']:.2f} ms ({timing['min_ms']:.2f}-{timing['max_ms']:.2f})"
+
+
+def print_tables(results: dict) -> None:
+    print(
+        f"\n{results['model']} ({results['parameters'] / 1e6:.0f}M parameters, {results['dtype']}, "
+        f"{results['attention']}, switch after {results['switch_point']} tokens) on {results['device']}: "
+        f"{results['machine']['cpu']}, {results['machine']['torch_threads']} threads"
+        f"{', ' + results['machine']['gpu'] if 'gpu' in results['machine'] else ''}; "
+        f"transformers {results['transformers']}, torch {results['torch']}; medians of {results['repeats']} "
+        "runs (min-max)\n"
+    )
+    decode, switch = results["decode_step"], results["switch_step"]
+    generate, batch = results["generate"], results["batch"]
+    rows = [
+        ("decode step, patched / unpatched", decode["timings"]["patched"], decode["timings"]["unpatched"],
+         decode["ratio"], "≤ 1.01"),
+        ("switch step (recompute) / plain prefill", switch["timings"]["recompute"],
+         switch["timings"]["plain prefill"], switch["recompute / prefill"], "≤ 1.10"),
+        ("switch step, rerotate / recompute", switch["timings"]["rerotate"], switch["timings"]["recompute"],
+         switch["rerotate / recompute"], ""),
+        (f"generate() across the switch, patched / unpatched ({generate['new_tokens']} tokens)",
+         generate["timings"]["patched"], generate["timings"]["unpatched"], generate["ratio"], ""),
+        (f"batch of {batch['batch_size']} crossing at {batch['switch_point']} over {batch['steps']} steps: crossing "
+         "rows only / whole batch",
+         batch["timings"]["crossing rows only"], batch["timings"]["whole batch"], batch["ratio"], ""),
+    ]  # fmt: skip
+    consistent = results["consistent"]
+    if "skipped" not in consistent:
+        for name, measured in consistent.items():
+            timings = measured["timings"]
+            rows.append(
+                (f"consistent / normal: {name}", timings["consistent"], timings["normal"], measured["ratio"], "")
+            )
+    print("| measurement | measured | against | ratio | target |")
+    print("|---|---|---|---|---|")
+    for name, measured, against, value, target in rows:
+        print(f"| {name} | {format_timing(measured)} | {format_timing(against)} | {value:.3f} | {target} |")
+    if "skipped" in consistent:
+        print(f"\nconsistent / normal: skipped ({consistent['skipped']})")
+    print(f"\ngenerate() tokens per second: {generate['tokens_per_second']}")
+    print(f"batch: max |Δlogit| between the two strategies at the last step: {batch['max_abs_logit_difference']:.2e}")
+
+    print("\n| prefix length | recompute | plain prefill | recompute / prefill | rerotate | stale (upstream loop) |")
+    print("|---|---|---|---|---|---|")
+    for row in results["switch_cost"]:
+        timings = row["timings"]
+        print(
+            f"| {row['prefix_length']} | {format_timing(timings['recompute'])} | "
+            f"{format_timing(timings['plain prefill'])} | {row['recompute / prefill']:.3f} | "
+            f"{format_timing(timings['rerotate'])} | {format_timing(timings['stale (upstream loop)'])} |"
+        )
+
+
+def plot_switch_cost(path: Path, rows: list[dict], title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lengths = [row["prefix_length"] for row in rows]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name in ("recompute", "plain prefill", "rerotate", "stale (upstream loop)"):
+        axes.plot(lengths, [row["timings"][name]["median_ms"] for row in rows], marker="o", label=name)
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xticks(lengths, [str(length) for length in lengths])
+    axes.set_xlabel("prefix length at the switch (tokens)")
+    axes.set_ylabel("step time (ms, median)")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="`cpu` (default) or `cuda`")
+    parser.add_argument(
+        "--model",
+        choices=sorted(BENCH_MODELS),
+        help="random-weight model sizes (default: small-phi3 on CPU, phi3-mini on CUDA)",
+    )
+    parser.add_argument("--attention", default="sdpa", choices=("eager", "sdpa"))
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (default 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default 2)")
+    parser.add_argument(
+        "--prefix-lengths",
+        type=int,
+        nargs="+",
+        help="prefix lengths of the switch-cost table (default: 1/2, 1, 2 and 4 times the switch point)",
+    )
+    parser.add_argument("--output-dir", type=Path, default=Path("out/bench"))
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch sees no CUDA device")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be at least 1 and --warmup at least 0")
+    args.model = args.model or ("phi3-mini" if args.device.startswith("cuda") else "small-phi3")
+    args.switch_point = BENCH_MODELS[args.model]["switch_point"]
+    args.prefix_lengths = sorted(args.prefix_lengths or [args.switch_point * k // 2 for k in (1, 2, 4, 8)])
+    if min(args.prefix_lengths) < 2:
+        parser.error("--prefix-lengths must be at least 2")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if patches.status().applied:
+        raise SystemExit("error: the patches are already applied in this process; the benchmark applies them itself")
+    model = build_model(args.model, args.switch_point, 2 * max(args.prefix_lengths), args.device, args.attention)
+    results = {
+        "model": args.model,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "dtype": BENCH_MODELS[args.model]["dtype"],
+        "attention": args.attention,
+        "switch_point": args.switch_point,
+        "device": args.device,
+        "machine": machine(),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+    sections = {
+        "decode_step": lambda: bench_decode_step(model, args),
+        "switch_step": lambda: bench_switch_step(model, args.switch_point, args),
+        "generate": lambda: bench_generate(model, args),
+        "batch": lambda: bench_batch(model, args),
+        "consistent": lambda: bench_consistent(model, args),
+        "switch_cost": lambda: bench_switch_cost(model, args),
+    }
+    for name, measure in sections.items():
+        print(f"measuring {name}...", flush=True)
+        results[name] = measure()
+    print_tables(results)
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.output_dir / "bench.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {json_path}")
+    title = f"Cost of the longrope switch, {args.model} {results['dtype']} on {args.device}"
+    if plot_switch_cost(args.output_dir / "switch_cost.png", results["switch_cost"], title):
+        print(f"wrote {args.output_dir / 'switch_cost.png'}")
+    else:
+        print("matplotlib is not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()
