@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tests.cache_consistency_utils import TINY_DECODER, TRANSFORMERS_VERSION, new_cache
+from tests.cache_consistency_utils import TINY_DECODER, TRANSFORMERS_VERSION
+from tests.real_size_utils import first_token_divergence
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -90,23 +91,6 @@ def prompts(args, tokenizer, vocab_size: int) -> list[torch.Tensor]:
         raise SystemExit("error: --prompts needs a checkpoint with a tokenizer; dummy models take random prompts")
     lines = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [tokenizer(line, return_tensors="pt").input_ids for line in lines[: args.samples]]
-
-
-@torch.no_grad()
-def first_token_divergence(model, prompt: torch.Tensor) -> list[float]:
-    """Max |Δ| per hidden state (0 = embeddings), then for the logits, of the first generated token."""
-    prompt = prompt.to(model.device)
-    cache = new_cache("dynamic", model.config)
-    prefill = model(prompt, past_key_values=cache, use_cache=True)
-    next_token = prefill.logits[:, -1:].argmax(-1)
-    cached = model(next_token, past_key_values=cache, use_cache=True, output_hidden_states=True)
-    reference = model(torch.cat([prompt, next_token], dim=-1), use_cache=False, output_hidden_states=True)
-    errors = [
-        (state[:, -1].float() - reference_state[:, -1].float()).abs().max().item()
-        for state, reference_state in zip(cached.hidden_states, reference.hidden_states)
-    ]
-    errors.append((cached.logits[:, -1].float() - reference.logits[:, -1].float()).abs().max().item())
-    return errors
 
 
 def measure(args) -> list[dict]:

@@ -22,7 +22,13 @@ from parameterized import parameterized
 
 import patches
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.testing_utils import require_torch
+from transformers.testing_utils import (
+    backend_empty_cache,
+    require_torch,
+    require_torch_accelerator,
+    slow,
+    torch_device,
+)
 
 from ...cache_consistency_utils import (
     CONSISTENT_DECODING_AVAILABLE,
@@ -42,6 +48,13 @@ from ...cache_consistency_utils import (
     random_tokens,
     reset_dynamic_rope,
     tiny_llama_model,
+)
+from ...real_size_utils import (
+    first_token_divergence,
+    load_checkpoint,
+    local_checkpoint,
+    long_text_ids,
+    real_size_llama_model,
 )
 
 
@@ -294,3 +307,66 @@ class LlamaConsistentDecodingUnavailableTest(unittest.TestCase):
             patches.apply(consistent=True)
         self.assertIs(torch.nn.Linear.forward, linear_forward)
         self.assertFalse(patches.status().applied)
+
+
+@slow
+@require_torch_accelerator
+class LlamaRealSizeDivergenceTest(unittest.TestCase):
+    """
+    The first background thread's table on a model of Llama-2-7B's shape (random weights, sdpa): how far a cached
+    decode step drifts from the forward pass without cache, layer by layer, in fp32, fp16 and bf16.
+    """
+
+    def test_divergence_grows_with_depth_and_with_coarser_dtypes(self):
+        model = real_size_llama_model(torch_device, dtype=torch.float32)
+        self.addCleanup(backend_empty_cache, torch_device)
+        prompts = [random_tokens(256, vocab_size=model.config.vocab_size, seed=seed) for seed in range(2)]
+        table = {}
+        # fp32 first, then the weights cast down: every dtype has the same model
+        for dtype_name in ("fp32", "fp16", "bf16"):
+            model.to(DTYPES[dtype_name])
+            per_prompt = [first_token_divergence(model, prompt) for prompt in prompts]
+            table[dtype_name] = [sum(errors) / len(errors) for errors in zip(*per_prompt)]
+        report = {name: [f"{error:.2g}" for error in errors] for name, errors in table.items()}
+        for dtype_name, errors in table.items():
+            hidden_states = errors[1:-1]  # index 0 is the embeddings, which a cache cannot change
+            early, late = hidden_states[:8], hidden_states[-8:]
+            with self.subTest(dtype=dtype_name):
+                self.assertGreater(sum(late) / len(late), sum(early) / len(early), f"per layer: {report}")
+        logits = {name: errors[-1] for name, errors in table.items()}
+        self.assertGreater(logits["bf16"], logits["fp16"], f"per layer: {report}")
+        self.assertGreater(logits["fp16"], logits["fp32"], f"per layer: {report}")
+
+
+@slow
+@require_torch_accelerator
+class LlamaCheckpointIntegrationTest(unittest.TestCase):
+    """
+    A Llama checkpoint, when present locally (`LLAMA_CHECKPOINT_PATH`, or the hub id of
+    `tests/real_size_utils.CHECKPOINTS` in the local hub cache; nothing is downloaded), in bf16 on an accelerator.
+    """
+
+    def setUp(self):
+        path, reason = local_checkpoint("llama")
+        if path is None:
+            self.skipTest(reason)
+        self.model, self.tokenizer = load_checkpoint(path, torch_device)
+        self.addCleanup(backend_empty_cache, torch_device)
+
+    @unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+    def test_consistent_decode_steps_are_bitwise_equal_to_no_cache(self):
+        input_ids = long_text_ids(self.tokenizer, 520, torch_device)
+        with patches.applied(consistent=True):
+            mismatches = bitwise_mismatches(self.model, input_ids, prompt_length=500)
+        self.assertEqual(mismatches, [])
+
+    def test_greedy_text_is_the_same_with_and_without_cache(self):
+        prompt = long_text_ids(self.tokenizer, 500, torch_device)
+        modes = [False, True] if CONSISTENT_DECODING_AVAILABLE else [False]
+        for consistent in modes:
+            with self.subTest(consistent=consistent), patches.applied(consistent=consistent):
+                cached, uncached = greedy_with_and_without_cache(self.model, prompt, max_new_tokens=32)
+                self.assertEqual(
+                    self.tokenizer.decode(cached.sequences[0, prompt.shape[1] :]),
+                    self.tokenizer.decode(uncached.sequences[0, prompt.shape[1] :]),
+                )

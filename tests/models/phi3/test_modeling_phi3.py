@@ -14,6 +14,7 @@
 """Testing the Phi-3 KV cache across the longrope switch: every decoding path against the no-cache forward pass."""
 
 import inspect
+import shutil
 import unittest
 import warnings
 from unittest import mock
@@ -24,7 +25,14 @@ from parameterized import parameterized
 import patches
 from modeling_overrides import rope_cache_utils
 from transformers import StaticCache
-from transformers.testing_utils import CaptureLogger, require_torch
+from transformers.testing_utils import (
+    CaptureLogger,
+    backend_empty_cache,
+    require_torch,
+    require_torch_accelerator,
+    slow,
+    torch_device,
+)
 from transformers.utils import logging
 
 from ...cache_consistency_utils import (
@@ -39,6 +47,7 @@ from ...cache_consistency_utils import (
     bitwise_mismatches,
     cached_decoding_logits,
     cached_keys_and_values,
+    compiled_decode_step_errors,
     generate_errors,
     greedy_with_and_without_cache,
     hand_written_loop_errors,
@@ -51,6 +60,23 @@ from ...cache_consistency_utils import (
     row_alone_errors,
     tiny_phi3_model,
 )
+from ...real_size_utils import (
+    PHI3_MINI_SWITCH_POINT,
+    decode_step_errors,
+    load_checkpoint,
+    local_checkpoint,
+    long_text_ids,
+    real_size_phi3_model,
+)
+
+
+BF16_NOISE_MARGIN = 2.0
+"""
+In bf16 a cached decode step differs from the forward pass without cache even with nothing stale (matrix products of
+other shapes round differently; up to ~0.1 in the logits of a 7B model). The slow tests measure that drift on the
+same model and device, on the steps before the switch, and accept up to `BF16_NOISE_MARGIN` times it after the
+switch: an exact recompute adds no error of its own, while a stale cache must stand out from it.
+"""
 
 
 @require_torch
@@ -494,24 +520,47 @@ class Phi3UntouchedModelsTest(unittest.TestCase):
         for before, after in zip(unpatched, patched):
             self.assertTrue(torch.equal(before, after))
 
+    @parameterized.expand([("eager",), ("inductor",)])
     @unittest.skipUnless(
         SUPPORTS_STATIC_CACHE_GENERATION, "this release's Phi-3 has no compilable static-cache decode step"
     )
-    def test_decode_step_compiles_with_fullgraph(self):
+    def test_compiled_decode_steps_across_the_switch_match_no_cache(self, backend):
+        # `eager` checks that the patched step traces as one graph; `inductor` also runs the generated kernels
+        if backend == "inductor" and shutil.which("g++") is None and shutil.which("c++") is None:
+            self.skipTest("inductor on CPU needs a C++ compiler (g++ or c++), and none is on PATH")
         model = tiny_phi3_model()
-        input_ids = random_tokens(SWITCH_POINT + 2)
+        input_ids = random_tokens(SWITCH_POINT + 6)
         with patches.applied():
-            cache = new_cache("static", model.config, 2 * SWITCH_POINT)
-            with torch.no_grad():
-                model(input_ids[:, :-1], past_key_values=cache)
-                compiled_step = torch.compile(model.forward, fullgraph=True, backend="eager")
-                # Releases before 5.0 derive positions from `cache_position`, which `generate()` passes
-                step_inputs = {"past_key_values": cache}
-                if "cache_position" in inspect.signature(model.forward).parameters:
-                    step_inputs["cache_position"] = torch.tensor([input_ids.shape[1] - 1])
-                outputs = compiled_step(input_ids[:, -1:], **step_inputs)
-        reference = no_cache_logits(model, input_ids)
-        self.assertLessEqual((outputs.logits[:, -1] - reference).abs().max().item(), FP32_TOLERANCE)
+            errors = compiled_decode_step_errors(
+                model, input_ids, SWITCH_POINT - 4, max_cache_len=2 * SWITCH_POINT, backend=backend
+            )
+        self.assertEqual(sorted(errors), list(range(SWITCH_POINT - 3, SWITCH_POINT + 7)))
+        self.assertLessEqual(max(errors.values()), FP32_TOLERANCE, f"max |Δlogit| per sequence length: {errors}")
+
+    @unittest.skipUnless(
+        SUPPORTS_STATIC_CACHE_GENERATION, "this release's Phi-3 has no compilable static-cache decode step"
+    )
+    def test_eager_step_after_compiled_steps_refuses_to_recompute_an_unrecorded_cache(self):
+        # Compiled steps leave the cache unrecorded: the eager step that crosses the switch says so, rather than
+        # recomputing from inputs it does not have
+        model = tiny_phi3_model()
+        input_ids = random_tokens(SWITCH_POINT + 1)
+        cache = new_cache("static", model.config, 2 * SWITCH_POINT)
+        takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+
+        def positions(start: int, end: int) -> dict:
+            return {"cache_position": torch.arange(start, end)} if takes_cache_position else {}
+
+        with patches.applied(), torch.no_grad():
+            model(input_ids[:, : SWITCH_POINT - 1], past_key_values=cache, **positions(0, SWITCH_POINT - 1))
+            compiled_step = torch.compile(model.forward, fullgraph=True, backend="eager")
+            compiled_step(
+                input_ids[:, SWITCH_POINT - 1 : SWITCH_POINT],
+                past_key_values=cache,
+                **positions(SWITCH_POINT - 1, SWITCH_POINT),
+            )
+            with self.assertRaisesRegex(patches.StaleRopeCacheError, "cannot be recomputed"):
+                model(input_ids[:, SWITCH_POINT:], past_key_values=cache, **positions(SWITCH_POINT, SWITCH_POINT + 1))
 
 
 @require_torch
@@ -554,3 +603,127 @@ class Phi3ConsistentDecodingTest(unittest.TestCase):
             )
         self.assertTrue(torch.equal(cached.sequences, uncached.sequences))
         self.assertTrue(all(torch.equal(a, b) for a, b in zip(cached.logits, uncached.logits)))
+
+
+def assert_switch_error_within_noise(test_case, patched_errors: dict, stale_errors: dict, switch_point: int):
+    """
+    `patched_errors` and `stale_errors` map sequence lengths to the max |Δlogit| of decode steps against no cache:
+    after the switch, the patched steps stay within `BF16_NOISE_MARGIN` times the drift measured before it, and the
+    stale cache exceeds that, so the check can fail.
+    """
+    noise = max(error for length, error in patched_errors.items() if length <= switch_point)
+    patched_after = max(error for length, error in patched_errors.items() if length > switch_point)
+    stale_after = max(error for length, error in stale_errors.items() if length > switch_point)
+    details = f"drift before the switch {noise:.3g}, patched after {patched_after:.3g}, stale after {stale_after:.3g}"
+    test_case.assertLessEqual(patched_after, BF16_NOISE_MARGIN * noise, details)
+    test_case.assertGreater(stale_after, BF16_NOISE_MARGIN * noise, details)
+
+
+@slow
+@require_torch_accelerator
+class Phi3RealSizeIntegrationTest(unittest.TestCase):
+    """
+    Phi-3-mini-128k's shape (32 layers, hidden size 3072, switch at 4096) with random weights in bf16 on an
+    accelerator: a prompt of 4088 tokens decoded across the switch.
+    """
+
+    prompt_length = PHI3_MINI_SWITCH_POINT - 8
+    total_length = PHI3_MINI_SWITCH_POINT + 8
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = real_size_phi3_model(torch_device)
+        cls.input_ids = random_tokens(cls.total_length, vocab_size=cls.model.config.vocab_size).to(torch_device)
+
+    @classmethod
+    def tearDownClass(cls):
+        del cls.model
+        backend_empty_cache(torch_device)
+
+    def test_decode_steps_across_the_switch_match_no_cache_within_bf16_drift(self):
+        with patches.applied():
+            patched_errors = decode_step_errors(self.model, self.input_ids, self.prompt_length)
+        stale_errors = decode_step_errors(self.model, self.input_ids, self.prompt_length)
+        assert_switch_error_within_noise(self, patched_errors, stale_errors, PHI3_MINI_SWITCH_POINT)
+
+    def test_generate_across_the_switch_matches_no_cache_within_bf16_drift(self):
+        prompt = self.input_ids[:, : self.prompt_length]
+        with patches.applied():
+            sequences, errors = generate_errors(self.model, prompt, max_new_tokens=16, do_sample=False)
+            # The same tokens through a hand-written loop give the drift before the switch to compare with
+            step_errors = decode_step_errors(self.model, sequences[:, :-1], self.prompt_length)
+        noise = max(error for length, error in step_errors.items() if length <= PHI3_MINI_SWITCH_POINT)
+        self.assertLessEqual(max(errors), BF16_NOISE_MARGIN * noise, f"drift {noise:.3g}, generate() {errors}")
+
+    @unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+    def test_consistent_mode_is_bitwise_equal_to_no_cache_across_the_switch(self):
+        with patches.applied(consistent=True):
+            mismatches = bitwise_mismatches(
+                self.model, self.input_ids[:, : PHI3_MINI_SWITCH_POINT + 4], prompt_length=self.prompt_length
+            )
+        self.assertEqual(mismatches, [])
+
+    @unittest.skipUnless(SUPPORTS_STATIC_CACHE_GENERATION, "this release's Phi-3 has no static-cache decode step")
+    def test_compiled_decode_steps_across_the_switch(self):
+        # Four layers of the real width: compiling all 32 adds minutes and nothing the check needs
+        model = real_size_phi3_model(torch_device, num_hidden_layers=4)
+        errors = compiled_decode_step_errors(
+            model, self.input_ids, self.prompt_length, max_cache_len=self.total_length, backend="inductor"
+        )
+        noise = max(error for length, error in errors.items() if length <= PHI3_MINI_SWITCH_POINT)
+        after = max(error for length, error in errors.items() if length > PHI3_MINI_SWITCH_POINT)
+        self.assertLessEqual(after, BF16_NOISE_MARGIN * noise, f"per step: {errors}")
+        # `generate()` with a static cache compiles its decode steps on accelerators, and runs the switch eagerly
+        with patches.applied():
+            _, generate_step_errors = generate_errors(
+                model,
+                self.input_ids[:, : self.prompt_length],
+                max_new_tokens=16,
+                do_sample=False,
+                cache_implementation="static",
+            )
+        self.assertLessEqual(max(generate_step_errors), BF16_NOISE_MARGIN * noise, f"per step: {generate_step_errors}")
+
+
+CHECKPOINT_NAMES = [("phi3-mini-128k",), ("phi3.5-mini",), ("phi4-mini",)]
+
+
+@slow
+@require_torch_accelerator
+class Phi3CheckpointIntegrationTest(unittest.TestCase):
+    """
+    Long-context Phi-3 family checkpoints, when present locally (see `tests/real_size_utils.CHECKPOINTS` for the
+    environment variables and hub ids; nothing is downloaded), in bf16 on an accelerator, decoded across the switch.
+    """
+
+    def load(self, name: str):
+        path, reason = local_checkpoint(name)
+        if path is None:
+            self.skipTest(reason)
+        model, tokenizer = load_checkpoint(path, torch_device)
+        self.addCleanup(backend_empty_cache, torch_device)
+        return model, tokenizer
+
+    @parameterized.expand(CHECKPOINT_NAMES)
+    def test_decode_steps_across_the_switch_match_no_cache_within_bf16_drift(self, name):
+        model, tokenizer = self.load(name)
+        switch_point = model.config.original_max_position_embeddings
+        input_ids = long_text_ids(tokenizer, switch_point + 8, torch_device)
+        with patches.applied():
+            patched_errors = decode_step_errors(model, input_ids, switch_point - 8)
+        stale_errors = decode_step_errors(model, input_ids, switch_point - 8)
+        assert_switch_error_within_noise(self, patched_errors, stale_errors, switch_point)
+
+    @parameterized.expand(CHECKPOINT_NAMES)
+    def test_greedy_text_across_the_switch_is_the_same_with_and_without_cache(self, name):
+        model, tokenizer = self.load(name)
+        switch_point = model.config.original_max_position_embeddings
+        prompt = long_text_ids(tokenizer, switch_point - 6, torch_device)
+        modes = [False, True] if CONSISTENT_DECODING_AVAILABLE else [False]
+        for consistent in modes:
+            with self.subTest(consistent=consistent), patches.applied(consistent=consistent):
+                cached, uncached = greedy_with_and_without_cache(model, prompt, max_new_tokens=16)
+                self.assertEqual(
+                    tokenizer.decode(cached.sequences[0, prompt.shape[1] :]),
+                    tokenizer.decode(uncached.sequences[0, prompt.shape[1] :]),
+                )
