@@ -36,7 +36,8 @@ class BenchmarkScriptTest(unittest.TestCase):
     def test_reports_every_measurement(self):
         with tempfile.TemporaryDirectory() as output_dir:
             result = self.run_script(
-                "--model", "tiny-phi3", "--repeats", "1", "--warmup", "0", "--prefix-lengths", "16", "40",
+                "--model", "tiny-phi3", "--attention", "eager", "--repeats", "1", "--warmup", "0",
+                "--prefix-lengths", "16", "40",
                 "--output-dir", output_dir,
             )  # fmt: skip
             self.assertEqual(result.returncode, 0, result.stderr)

@@ -20,15 +20,22 @@ with the run-time patches not imported. No network.
 import ast
 import shutil
 import tempfile
+import textwrap
 import unittest
 from pathlib import Path
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
 from upstream_pr.description import describe
 from upstream_pr.diff import build_pristine_tree, planned_texts, unified_diff
-from upstream_pr.plan import SUPPORTED_RELEASES, UnrecognisedTreeError, make_plan
+from upstream_pr.plan import OVERRIDES, SUPPORTED_RELEASES, UnrecognisedTreeError, make_plan, member_source
 from upstream_pr.pr_tests import merge_test_module
-from upstream_pr.source_edits import function_source
+from upstream_pr.source_edits import (
+    AddImportFrom,
+    InsertAfterStatement,
+    MoveFrequencyUpdateToDecorator,
+    RemoveMethod,
+    function_source,
+)
 from upstream_pr.verify import verify
 
 from .cache_consistency_utils import TRANSFORMERS_VERSION
@@ -52,9 +59,9 @@ class PullRequestDiffTest(unittest.TestCase):
             make_plan(self.workdir)
         older = self.workdir / "older"
         (older / "src" / "transformers").mkdir(parents=True)
-        (older / "src" / "transformers" / "__init__.py").write_text('__version__ = "4.50.3"\n', encoding="utf-8")
+        (older / "src" / "transformers" / "__init__.py").write_text('__version__ = "4.47.1"\n', encoding="utf-8")
         with self.assertRaisesRegex(
-            UnrecognisedTreeError, r"transformers 4\.50\.3; the pull-request diff is made for"
+            UnrecognisedTreeError, r"transformers 4\.47\.1; the pull-request diff is made for"
         ):
             make_plan(older)
 
@@ -97,6 +104,8 @@ class InstalledReleaseDiffTest(unittest.TestCase):
             "tests/models/phi3/test_modeling_phi3.py",
             "tests/models/llama/test_modeling_llama.py",
         ):
+            if "/models/" in path and not (self.tree / path).parent.is_dir():
+                continue  # a release without that model (Phi-4-multimodal before 4.51)
             if "/modular_" in path and not (self.tree / path).is_file():
                 continue  # a release without that modular file
             self.assertIn(path, paths)
@@ -115,6 +124,21 @@ class InstalledReleaseDiffTest(unittest.TestCase):
         self.assertNotIn("from transformers.", rope_cache)
         for path, (_, after) in self.texts.items():
             ast.parse(after, filename=path)
+
+    def test_covered_rotary_embeddings_update_through_the_decorator(self):
+        # 4.48-4.50 rotary embeddings update their own frequencies; the diff moves that to `dynamic_rope_update`, as
+        # 4.51 did, and Phi-3's rotary `forward` becomes that of `modeling_overrides`
+        for model in ("llama", "mistral", "qwen2", "phi3"):
+            _, after = self.texts[f"src/transformers/models/{model}/modeling_{model}.py"]
+            self.assertNotIn("_dynamic_frequency_update", after, model)
+            self.assertNotIn("_longrope_frequency_update", after, model)
+            self.assertIn("@dynamic_rope_update", after, model)
+        before, after = self.texts["src/transformers/models/phi3/modeling_phi3.py"]
+        if "_longrope_frequency_update" in before:
+            override = member_source(
+                OVERRIDES / "models" / "phi3" / "modeling_phi3_v4_50.py", "Phi3RotaryEmbedding", "forward"
+            )
+            self.assertIn(textwrap.indent(override, "    "), after)
 
     def test_verifies(self):
         report = verify(self.tree, self.workdir, self.texts)
@@ -148,3 +172,48 @@ class MergeTestModuleTest(unittest.TestCase):
         self.assertLess(merged.index("from parameterized"), merged.index("class Phi3ModelTest"))
         self.assertTrue(merged.rstrip().endswith("class NewTest(unittest.TestCase):\n    pass"))
         ast.parse(merged)
+
+
+class SourceEditsTest(unittest.TestCase):
+    ROTARY = (
+        "import torch\n\n\n"
+        "class ToyRotaryEmbedding:\n"
+        "    def _dynamic_frequency_update(self, position_ids, device):\n"
+        "        pass\n\n"
+        "    @torch.no_grad()\n"
+        "    def forward(self, x, position_ids):\n"
+        '        if "dynamic" in self.rope_type:\n'
+        "            self._dynamic_frequency_update(position_ids, device=x.device)\n\n"
+        "        # Core RoPE block\n"
+        "        return x\n"
+    )
+
+    def test_frequency_update_moves_to_the_decorator(self):
+        text = MoveFrequencyUpdateToDecorator("ToyRotaryEmbedding", "dynamic_rope_update").apply(self.ROTARY)
+        text = RemoveMethod("ToyRotaryEmbedding", "_dynamic_frequency_update").apply(text)
+        self.assertEqual(
+            text,
+            "import torch\n\n\n"
+            "class ToyRotaryEmbedding:\n"
+            "    @torch.no_grad()\n"
+            "    @dynamic_rope_update\n"
+            "    def forward(self, x, position_ids):\n"
+            "        # Core RoPE block\n"
+            "        return x\n",
+        )
+
+    def test_a_forward_without_the_update_is_refused(self):
+        text = RemoveMethod("ToyRotaryEmbedding", "_dynamic_frequency_update").apply(self.ROTARY)
+        once = MoveFrequencyUpdateToDecorator("ToyRotaryEmbedding", "dynamic_rope_update").apply(text)
+        with self.assertRaisesRegex(LookupError, "does not start with a frequency update"):
+            MoveFrequencyUpdateToDecorator("ToyRotaryEmbedding", "dynamic_rope_update").apply(once)
+
+    def test_functions_go_after_an_assignment_and_imports_where_isort_puts_them(self):
+        text = "import math\nfrom typing import Optional\n\nTABLE = {\n    1: 2,\n}\n\n\ndef last():\n    pass\n"
+        text = InsertAfterStatement("TABLE", ("def new():\n    pass\n",)).apply(text)
+        text = AddImportFrom(0, "functools", ("wraps",)).apply(text)
+        self.assertEqual(
+            text,
+            "import math\nfrom functools import wraps\nfrom typing import Optional\n\nTABLE = {\n    1: 2,\n}\n\n\n"
+            "def new():\n    pass\n\n\ndef last():\n    pass\n",
+        )

@@ -4,8 +4,8 @@ import difflib
 import shutil
 from pathlib import Path
 
-from .plan import FilePlan, make_plan
-from .pr_tests import PR_TEST_MODULES, merge_test_module
+from .plan import FilePlan, make_plan, read_release
+from .pr_tests import merge_test_module, pr_test_modules
 
 
 def build_pristine_tree(destination: Path) -> Path:
@@ -25,12 +25,12 @@ def build_pristine_tree(destination: Path) -> Path:
 def planned_texts(tree: Path, plans: list[FilePlan] | None = None) -> dict[str, tuple[str | None, str]]:
     """
     Every file the pull request changes in `tree`: `{path: (text before or None for a new file, text after)}`,
-    sorted by path. The model code comes from `plans` (`make_plan(tree)` when not given), the tests from `pr_tests`.
+    sorted by path. The model code comes from `plans` (`make_plan(tree)` when not given), the tests from `pr_tests`, for the tree's release.
     """
     texts = {}
     for file_plan in plans if plans is not None else make_plan(tree):
         texts[file_plan.path] = _apply(tree, file_plan)
-    for relative, module_text in PR_TEST_MODULES.items():
+    for relative, module_text in pr_test_modules(read_release(tree)).items():
         path = tree / relative
         before = path.read_text(encoding="utf-8") if path.is_file() else None
         texts[relative] = (before, merge_test_module(before, module_text))

@@ -21,20 +21,28 @@ from modeling_overrides import modeling_rope_utils, rope_cache_utils
 
 from .source_edits import (
     AddDecorator,
+    AddImportFrom,
     AddMethod,
-    AddRelativeImport,
+    InsertAfterStatement,
+    MoveFrequencyUpdateToDecorator,
+    RemoveMethod,
     ReplaceFunction,
     ReplaceMethod,
+    assigned_at_module_level,
     find_class,
     find_function,
     function_source,
+    is_frequency_update_statement,
 )
 
 
 OVERRIDES = Path(modeling_rope_utils.__file__).parent
-SUPPORTED_RELEASES = SpecifierSet(">=4.51,<6")
-"""Releases whose trees the diff is made for: those whose rotary embeddings update through `dynamic_rope_update`.
-Before 4.51, Phi-3 and Llama keep their own update methods (see `patches/targets.py`)."""
+SUPPORTED_RELEASES = SpecifierSet(">=4.48,<6")
+"""Releases whose trees the diff is made for: those whose rotary embeddings take the model's config and rotate with
+the `inv_freq` buffer. From 4.51 their frequencies are updated by the `dynamic_rope_update` decorator, which the
+diff replaces; from 4.48 to 4.50 by `_dynamic_frequency_update` methods of their own (and Phi-3's
+`_longrope_frequency_update`), which the diff moves to that decorator, as 4.51 did. Before 4.48 Phi-3 rotates with
+other classes (see `patches/targets.py`)."""
 
 COVERED_MODELS = {
     "phi3": "Phi3",
@@ -77,7 +85,7 @@ class FilePlan:
     def describe(self) -> list[str]:
         if self.new_text is not None:
             return ["new file"]
-        return [_describe_edit(edit) for edit in self.edits if not isinstance(edit, AddRelativeImport)]
+        return [_describe_edit(edit) for edit in self.edits if not isinstance(edit, AddImportFrom)]
 
 
 def _describe_edit(edit) -> str:
@@ -85,6 +93,12 @@ def _describe_edit(edit) -> str:
         return f"`{edit.class_name}.{edit.method_name}`: `@{edit.decorator}`"
     if isinstance(edit, ReplaceFunction):
         return f"`{edit.name}` and the frequency updates it calls"
+    if isinstance(edit, InsertAfterStatement):
+        return "`dynamic_rope_update` and the frequency updates it calls: new"
+    if isinstance(edit, MoveFrequencyUpdateToDecorator):
+        return f"`{edit.class_name}.forward`: its frequency update moves to `@{edit.decorator}`"
+    if isinstance(edit, RemoveMethod):
+        return f"`{edit.class_name}.{edit.method_name}`: removed (now in `modeling_rope_utils`)"
     if isinstance(edit, AddMethod):
         return f"`{edit.class_name}.{edit.method_name}`: checked generic version"
     return f"`{edit.class_name}.{edit.method_name}`: replaced"
@@ -224,12 +238,58 @@ def _rotates_batch_wide(tree: ast.Module) -> bool:
     return False
 
 
+FREQUENCY_UPDATE_METHODS = ("_dynamic_frequency_update", "_longrope_frequency_update")
+"""The per-class frequency updates of 4.48 to 4.50, which `dynamic_rope_update` replaces."""
+
+
+def _standard_dynamic_update(models_dir: Path) -> str | None:
+    """Llama's `_dynamic_frequency_update`, normalized, in a tree that has one (4.48 to 4.50): what a copy looks like."""
+    path = models_dir / "llama" / "modeling_llama.py"
+    text = path.read_text(encoding="utf-8")
+    class_node = find_class(ast.parse(text), "LlamaRotaryEmbedding")
+    update = find_function(class_node.body, "_dynamic_frequency_update") if class_node is not None else None
+    return normalized(_method_text(text, update), "Llama") if update is not None else None
+
+
+def _rotary_update_edits(text: str, class_node: ast.ClassDef, standard_dynamic_update: str) -> list:
+    """
+    The edits that move a 4.48-4.50 rotary embedding's frequency update to `dynamic_rope_update`, or none when the
+    class does not have that shape: its `forward` starts with the update, and the update it defines (if any) is a copy
+    of Llama's (a variant, such as one passing other arguments to the init function, is left as it is). Phi-3's
+    `forward`, which also makes the longrope update, becomes that of `modeling_overrides`.
+    """
+    forward = find_function(class_node.body, "forward")
+    if forward is None or not forward.body or not is_frequency_update_statement(forward.body[0]):
+        return []
+    prefix = _model_prefix(class_node.name, "RotaryEmbedding")
+    own_update = find_function(class_node.body, "_dynamic_frequency_update")
+    if own_update is not None and normalized(_method_text(text, own_update), prefix) != standard_dynamic_update:
+        return []
+    removed = [
+        RemoveMethod(class_node.name, name)
+        for name in FREQUENCY_UPDATE_METHODS
+        if find_function(class_node.body, name) is not None
+    ]
+    if "_longrope_frequency_update(" in ast.unparse(forward.body[0]):
+        override = OVERRIDES / "models" / "phi3" / "modeling_phi3_v4_50.py"
+        return [
+            ReplaceMethod(class_node.name, "forward", member_source(override, "Phi3RotaryEmbedding", "forward"))
+        ] + removed
+    return [MoveFrequencyUpdateToDecorator(class_node.name, "dynamic_rope_update"), *removed]
+
+
 def _model_file_plan(
-    path: Path, relative: str, references: dict[_Role, set[str]], modeling_plan: FilePlan | None = None
+    path: Path,
+    relative: str,
+    references: dict[_Role, set[str]],
+    modeling_plan: FilePlan | None = None,
+    standard_dynamic_update: str | None = None,
 ) -> FilePlan | None:
     """
     The edits of a modeling or modular file. A modular file also gets, on the methods it defines, the decorators its
     generated modeling file got (the converter rewrites code, so the modular copy may not read like the original).
+    `standard_dynamic_update` is set for trees whose rotary embeddings update their own frequencies (4.48 to 4.50):
+    their updates move to `dynamic_rope_update` (see `_rotary_update_edits`).
     """
     text = path.read_text(encoding="utf-8")
     tree = ast.parse(text)
@@ -242,6 +302,11 @@ def _model_file_plan(
     batch_wide = _rotates_batch_wide(tree)
     edits, imported, needs_generation_mixin = [], set(), False
     for class_node in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        if standard_dynamic_update is not None and class_node.name.endswith("RotaryEmbedding"):
+            rotary_edits = _rotary_update_edits(text, class_node, standard_dynamic_update)
+            if rotary_edits:
+                edits += rotary_edits
+                edits.append(AddImportFrom(3, "modeling_rope_utils", ("dynamic_rope_update",)))
         for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD):
             prefix = _model_prefix(class_node.name, role.class_suffix)
             forward = find_function(class_node.body, "forward")
@@ -275,28 +340,38 @@ def _model_file_plan(
             override = member_source(OVERRIDES / "models" / "phimoe" / override_module, class_node.name, "forward")
             edits.append(ReplaceMethod(class_node.name, "forward", override))
             if not batch_wide:
-                edits.append(AddRelativeImport(3, "modeling_rope_utils", ("dynamic_rope_update",)))
+                edits.append(AddImportFrom(3, "modeling_rope_utils", ("dynamic_rope_update",)))
             else:
-                edits.append(AddRelativeImport(3, "modeling_rope_utils", ("get_longrope_switch_point",)))
+                edits.append(AddImportFrom(3, "modeling_rope_utils", ("get_longrope_switch_point",)))
     if not edits:
         return None
     if needs_generation_mixin:
-        edits.append(AddRelativeImport(3, "generation", ("GenerationMixin",)))
-    edits.append(AddRelativeImport(3, "rope_cache_utils", tuple(sorted(imported))))
+        edits.append(AddImportFrom(3, "generation", ("GenerationMixin",)))
+    if imported:
+        edits.append(AddImportFrom(3, "rope_cache_utils", tuple(sorted(imported))))
     return FilePlan(relative, edits)
 
 
 def _rope_utils_plan(tree: Path) -> FilePlan:
+    """
+    The frequency updates of `modeling_overrides/modeling_rope_utils.py` in place of `dynamic_rope_update`, or, in a
+    release without it (4.48 to 4.50), after `ROPE_INIT_FUNCTIONS`, which they use.
+    """
     relative = "src/transformers/modeling_rope_utils.py"
     module = ast.parse((tree / relative).read_text(encoding="utf-8"))
     clashes = [name for name in ROPE_UTILITY_FUNCTIONS[:-1] if find_function(module.body, name) is not None]
-    if find_function(module.body, "dynamic_rope_update") is None or clashes:
+    has_decorator = find_function(module.body, "dynamic_rope_update") is not None
+    if clashes or not (has_decorator or assigned_at_module_level(module, "ROPE_INIT_FUNCTIONS")):
         raise UnrecognisedTreeError(
-            f"{relative} does not have the shape the diff is made for: expected `dynamic_rope_update` and none of "
-            f"{list(ROPE_UTILITY_FUNCTIONS[:-1])}, found clashes {clashes}"
+            f"{relative} does not have the shape the diff is made for: expected `dynamic_rope_update` or "
+            f"`ROPE_INIT_FUNCTIONS`, and none of {list(ROPE_UTILITY_FUNCTIONS[:-1])}; found clashes {clashes}"
         )
     sources = tuple(function_source(getattr(modeling_rope_utils, name)) for name in ROPE_UTILITY_FUNCTIONS)
-    return FilePlan(relative, [ReplaceFunction("dynamic_rope_update", sources)])
+    if has_decorator:
+        return FilePlan(relative, [ReplaceFunction("dynamic_rope_update", sources)])
+    return FilePlan(
+        relative, [InsertAfterStatement("ROPE_INIT_FUNCTIONS", sources), AddImportFrom(0, "functools", ("wraps",))]
+    )
 
 
 def _rope_cache_module_text(release: Version) -> str:
@@ -351,11 +426,12 @@ def make_plan(tree: Path) -> list[FilePlan]:
     if release not in SUPPORTED_RELEASES:
         raise UnrecognisedTreeError(
             f"{tree} holds transformers {release}; the pull-request diff is made for transformers{SUPPORTED_RELEASES} "
-            "(tested: 4.57.6 and 5.23.0). Before 4.51 the longrope update lives in per-model methods that the "
-            "run-time patches replace; use them there."
+            "(tested: 4.50.3, 4.57.6 and 5.23.0). Before 4.48 Phi-3 rotates with per-layer longrope classes that "
+            "the run-time patches replace; use them there."
         )
     models_dir = tree / "src" / "transformers" / "models"
     references = {role: _reference_forwards(models_dir, role) for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD)}
+    standard_dynamic_update = _standard_dynamic_update(models_dir)
     plans = [
         _rope_utils_plan(tree),
         FilePlan("src/transformers/rope_cache_utils.py", new_text=_rope_cache_module_text(release)),
@@ -363,12 +439,16 @@ def make_plan(tree: Path) -> list[FilePlan]:
     modeling_plans = {}
     for path in _model_files(models_dir):
         modeling_plan = modeling_plans.get(path.parent.name) if path.name.startswith("modular_") else None
-        plan = _model_file_plan(path, str(path.relative_to(tree)), references, modeling_plan)
+        plan = _model_file_plan(path, str(path.relative_to(tree)), references, modeling_plan, standard_dynamic_update)
         if plan is not None:
             plans.append(plan)
             if path.name.startswith("modeling_"):
                 modeling_plans[path.parent.name] = plan
-    missing = [name for name in COVERED_MODELS if not any(f"/models/{name}/" in plan.path for plan in plans)]
+    missing = [
+        name
+        for name in COVERED_MODELS
+        if (models_dir / name).is_dir() and not any(f"/models/{name}/" in plan.path for plan in plans)
+    ]
     if missing:
         raise UnrecognisedTreeError(f"no copy of the covered forward passes found for {missing} in {tree}")
     return plans

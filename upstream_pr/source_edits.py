@@ -138,11 +138,105 @@ class ReplaceFunction:
 
 
 @dataclass(frozen=True)
-class AddRelativeImport:
+class RemoveMethod:
+    """Removes `class_name.method_name` (decorators included, and the blank line that separated it from the next)."""
+
+    class_name: str
+    method_name: str
+
+    def apply(self, text: str) -> str:
+        _, lines, start, end, _ = _located_method(text, self.class_name, self.method_name)
+        if end < len(lines) and not lines[end].strip():
+            end += 1
+        elif start > 0 and not lines[start - 1].strip():
+            # The class's last member: the blank line before it goes instead
+            start -= 1
+        return "".join([*lines[:start], *lines[end:]])
+
+
+@dataclass(frozen=True)
+class MoveFrequencyUpdateToDecorator:
+    """
+    In `class_name.forward`, a rotary embedding's forward pass, replaces the leading `if "dynamic" in
+    self.rope_type: self._dynamic_frequency_update(...)` statement (with its `elif` branches) by the decorator
+    `@<decorator>`, placed under the existing decorators: the shape upstream's rotary embeddings took in 4.51.
+    """
+
+    class_name: str
+    decorator: str
+
+    @property
+    def method_name(self) -> str:
+        return "forward"
+
+    def apply(self, text: str) -> str:
+        method, lines, start, _, indent = _located_method(text, self.class_name, "forward")
+        update = method.body[0]
+        if not is_frequency_update_statement(update):
+            raise LookupError(f"{self.class_name}.forward does not start with a frequency update")
+        update_start, update_end = update.lineno - 1, update.end_lineno
+        if update_end < len(lines) and not lines[update_end].strip():
+            update_end += 1
+        definition = method.lineno - 1
+        return "".join(
+            [
+                *lines[:definition],
+                f"{indent}@{self.decorator}\n",
+                *lines[definition:update_start],
+                *lines[update_end:],
+            ]
+        )
+
+
+def is_frequency_update_statement(statement: ast.stmt) -> bool:
+    """Whether `statement` is `if "dynamic" in self.rope_type: self._dynamic_frequency_update(...)` (and `elif`s)."""
+    return (
+        isinstance(statement, ast.If)
+        and ast.unparse(statement.test) == "'dynamic' in self.rope_type"
+        and "_dynamic_frequency_update(" in ast.unparse(statement)
+    )
+
+
+def assigned_at_module_level(tree: ast.Module, name: str) -> ast.Assign | ast.AnnAssign | None:
+    """The module-level statement that assigns `name` (annotated or not), if any."""
+    for node in tree.body:
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        if any(getattr(target, "id", None) == name for target in targets):
+            return node
+    return None
+
+
+@dataclass(frozen=True)
+class InsertAfterStatement:
+    """Inserts `sources` (functions written at column 0) after the module-level assignment to `name`."""
+
+    name: str
+    sources: tuple[str, ...]
+
+    @property
+    def method_name(self) -> str:
+        return self.name
+
+    def apply(self, text: str) -> str:
+        assignment = assigned_at_module_level(ast.parse(text), self.name)
+
+        if assignment is None:
+            raise LookupError(f"no module-level assignment to {self.name} here")
+        lines = _lines(text)
+        new_lines = []
+        for source in self.sources:
+            new_lines += ["\n", "\n", *_indented(source, "")]
+        return "".join([*lines[: assignment.end_lineno], *new_lines, *lines[assignment.end_lineno :]])
+
+
+@dataclass(frozen=True)
+class AddImportFrom:
     """
     Adds `from <dots><module> import <names>` to the module's top-level imports, where isort puts it: among the
-    imports of the same relative level, in alphabetical order of the module (a new line; an existing import of that
-    module gets the names added).
+    `from` imports of the same relative level (0: absolute), in alphabetical order of the module (a new line; an
+    existing import of that module gets the names added).
     """
 
     level: int
@@ -169,6 +263,8 @@ class AddRelativeImport:
             elif same_level:
                 start = end = same_level[-1].end_lineno
             else:
-                raise LookupError(f"no top-level import of relative level {self.level} to place the new one among")
+                raise LookupError(
+                    f"no top-level `from` import of relative level {self.level} to place the new one among"
+                )
         statement = f"from {'.' * self.level}{self.module} import {', '.join(sorted(names))}\n"
         return "".join([*lines[:start], statement, *lines[end:]])

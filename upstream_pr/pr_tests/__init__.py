@@ -7,6 +7,8 @@ The tests the pull request adds, as modules in upstream's test layout, written a
 import ast
 from pathlib import Path
 
+from packaging.version import Version
+
 
 _HERE = Path(__file__).parent
 
@@ -14,7 +16,28 @@ PR_TEST_MODULES = {
     "tests/models/phi3/test_modeling_phi3.py": (_HERE / "phi3.py").read_text(encoding="utf-8"),
     "tests/models/llama/test_modeling_llama.py": (_HERE / "llama.py").read_text(encoding="utf-8"),
 }
-"""Upstream test file -> the module of tests the pull request adds to it."""
+"""Upstream test file -> the module of tests the pull request adds to it, written for the current cache API."""
+
+CACHE_API_BEFORE_4_56 = (
+    ("DynamicCache(config=model.config)", "DynamicCache()"),
+    (
+        "StaticCache(config=model.config, max_cache_len=",
+        "StaticCache(config=model.config, max_batch_size=1, max_cache_len=",
+    ),
+)
+"""How the modules' caches are built before 4.56: `DynamicCache` takes no config, `StaticCache` a batch size."""
+
+
+def pr_test_modules(release: Version) -> dict[str, str]:
+    """`PR_TEST_MODULES` as written for `release`'s public API."""
+    if release >= Version("4.56"):
+        return dict(PR_TEST_MODULES)
+    modules = {}
+    for path, text in PR_TEST_MODULES.items():
+        for current, older in CACHE_API_BEFORE_4_56:
+            text = text.replace(current, older)
+        modules[path] = text
+    return modules
 
 
 def merge_test_module(existing: str | None, module_text: str) -> str:
