@@ -132,6 +132,8 @@ def dynamic_frequency_update(self, position_ids, device, layer_type=None):
     if sequence_length > max_seq_len_cached:  # growth
         rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
         init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        # Before 4.48 a rotary embedding may be built from arguments instead of a config; it keeps them here
+        init_kwargs.update(getattr(self, "rope_kwargs", {}))
         inv_freq, self.attention_scaling = rope_init_fn(self.config, device, seq_len=sequence_length, **init_kwargs)
         self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
         setattr(self, f"{prefix}max_seq_len_cached", sequence_length)

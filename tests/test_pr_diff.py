@@ -59,9 +59,9 @@ class PullRequestDiffTest(unittest.TestCase):
             make_plan(self.workdir)
         older = self.workdir / "older"
         (older / "src" / "transformers").mkdir(parents=True)
-        (older / "src" / "transformers" / "__init__.py").write_text('__version__ = "4.47.1"\n', encoding="utf-8")
+        (older / "src" / "transformers" / "__init__.py").write_text('__version__ = "4.43.4"\n', encoding="utf-8")
         with self.assertRaisesRegex(
-            UnrecognisedTreeError, r"transformers 4\.47\.1; the pull-request diff is made for"
+            UnrecognisedTreeError, r"transformers 4\.43\.4; the pull-request diff is made for"
         ):
             make_plan(older)
 
@@ -126,19 +126,23 @@ class InstalledReleaseDiffTest(unittest.TestCase):
             ast.parse(after, filename=path)
 
     def test_covered_rotary_embeddings_update_through_the_decorator(self):
-        # 4.48-4.50 rotary embeddings update their own frequencies; the diff moves that to `dynamic_rope_update`, as
-        # 4.51 did, and Phi-3's rotary `forward` becomes that of `modeling_overrides`
+        # Before 4.51 rotary embeddings update their own frequencies; the diff moves that to `dynamic_rope_update`,
+        # as 4.51 did. Phi-3's longrope rotary `forward` becomes that of `modeling_overrides` for its release.
         for model in ("llama", "mistral", "qwen2", "phi3"):
-            _, after = self.texts[f"src/transformers/models/{model}/modeling_{model}.py"]
+            before, after = self.texts[f"src/transformers/models/{model}/modeling_{model}.py"]
             self.assertNotIn("_dynamic_frequency_update", after, model)
             self.assertNotIn("_longrope_frequency_update", after, model)
-            self.assertIn("@dynamic_rope_update", after, model)
+            if "_dynamic_frequency_update" in before or "@dynamic_rope_update" in before:
+                self.assertIn("@dynamic_rope_update", after, model)
         before, after = self.texts["src/transformers/models/phi3/modeling_phi3.py"]
-        if "_longrope_frequency_update" in before:
-            override = member_source(
-                OVERRIDES / "models" / "phi3" / "modeling_phi3_v4_50.py", "Phi3RotaryEmbedding", "forward"
-            )
-            self.assertIn(textwrap.indent(override, "    "), after)
+        overrides = {
+            "_longrope_frequency_update": ("modeling_phi3_v4_50.py", "Phi3RotaryEmbedding"),
+            "class Phi3LongRoPEScaledRotaryEmbedding": ("modeling_phi3_v4_46.py", "Phi3LongRoPEScaledRotaryEmbedding"),
+        }
+        for marker, (module, class_name) in overrides.items():
+            if marker in before:
+                override = member_source(OVERRIDES / "models" / "phi3" / module, class_name, "forward")
+                self.assertIn(textwrap.indent(override, "    "), after)
 
     def test_verifies(self):
         report = verify(self.tree, self.workdir, self.texts)
@@ -152,7 +156,7 @@ class InstalledReleaseDiffTest(unittest.TestCase):
     def test_description(self):
         description = describe(self.tree, self.workdir / "no-figures", self.plans)
         self.assertIn("## Problem", description)
-        self.assertIn("`src/transformers/models/phi3/modular_phi3.py`", description)
+        self.assertIn("`src/transformers/models/phi3/modeling_phi3.py`", description)
         self.assertIn("Phi3LongRopeCacheTest", description)
         self.assertIn("make compare-strategies", description)
 

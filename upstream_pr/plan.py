@@ -37,12 +37,17 @@ from .source_edits import (
 
 
 OVERRIDES = Path(modeling_rope_utils.__file__).parent
-SUPPORTED_RELEASES = SpecifierSet(">=4.48,<6")
-"""Releases whose trees the diff is made for: those whose rotary embeddings take the model's config and rotate with
-the `inv_freq` buffer. From 4.51 their frequencies are updated by the `dynamic_rope_update` decorator, which the
-diff replaces; from 4.48 to 4.50 by `_dynamic_frequency_update` methods of their own (and Phi-3's
-`_longrope_frequency_update`), which the diff moves to that decorator, as 4.51 did. Before 4.48 Phi-3 rotates with
-other classes (see `patches/targets.py`)."""
+SUPPORTED_RELEASES = SpecifierSet(">=4.44,<6")
+"""Releases whose trees the diff is made for, those the run-time patches support. From 4.51 the rotary embeddings'
+frequencies are updated by the `dynamic_rope_update` decorator, which the diff replaces; before, by
+`_dynamic_frequency_update` methods of their own (and Phi-3's `_longrope_frequency_update` from 4.48), which the diff
+moves to that decorator, as 4.51 did. Before 4.48 Phi-3 rotates with a per-layer `Phi3LongRoPEScaledRotaryEmbedding`,
+and from 4.45 its causal LM warns at the switch: both get the code of
+`modeling_overrides/models/phi3/modeling_phi3_v4_46.py` (see `patches/targets.py`)."""
+
+PHI3_V4_46 = OVERRIDES / "models" / "phi3" / "modeling_phi3_v4_46.py"
+V4_46_SWITCH_WARNING = "you may encounter nonsensical outputs"
+"""What the switch warning of Phi-3's causal LM `forward` says (4.45 to 4.47)."""
 
 COVERED_MODELS = {
     "phi3": "Phi3",
@@ -227,13 +232,14 @@ def _decorator(name: str, batch_wide: bool) -> str:
 
 def _rotates_batch_wide(tree: ast.Module) -> bool:
     """
-    Whether the file's rotary embedding builds one table for the batch (`forward(x, seq_len)`, PhiMoE before 5.0)
-    rather than rotating each row by its positions: its cache checks then follow the whole batch.
+    Whether the file's rotary embedding builds one table for the batch (`forward(x, seq_len)`, without positions:
+    PhiMoE before 5.0) rather than rotating each row by its positions: its cache checks then follow the whole batch.
     """
     for class_node in (node for node in tree.body if isinstance(node, ast.ClassDef)):
         forward = find_function(class_node.body, "forward")
         if class_node.name.endswith("RotaryEmbedding") and forward is not None:
-            if "seq_len" in [argument.arg for argument in forward.args.args]:
+            parameters = [argument.arg for argument in forward.args.args]
+            if "seq_len" in parameters and "position_ids" not in parameters:
                 return True
     return False
 
@@ -278,6 +284,55 @@ def _rotary_update_edits(text: str, class_node: ast.ClassDef, standard_dynamic_u
     return [MoveFrequencyUpdateToDecorator(class_node.name, "dynamic_rope_update"), *removed]
 
 
+def _code_without_docstring(function: ast.FunctionDef) -> str:
+    """The function's code (`ast.dump`, so without comments or layout), its docstring left out (a method's docstring
+    is indented with it, so its text depends on where it stands)."""
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    fields = {field: getattr(function, field) for field in function._fields if field != "body"}
+    return ast.dump(ast.FunctionDef(**fields, body=body))
+
+
+def _phi3_v4_46_edits(class_node: ast.ClassDef, text: str) -> list:
+    """
+    The Phi-3 methods of 4.44-4.47 that `modeling_phi3_v4_46.py` replaces: the longrope rotary `forward`, and the
+    causal LM `forward` that warns at the switch (4.45-4.47). Each must be the method the override was written for (its
+    signature and, for the causal LM, its body without the warning), or the tree is refused.
+    """
+    forward = find_function(class_node.body, "forward")
+    if class_node.name == "Phi3LongRoPEScaledRotaryEmbedding" and forward is not None:
+        parameters = [argument.arg for argument in forward.args.args]
+        source = _method_text(text, forward)
+        if parameters != ["self", "x", "position_ids", "seq_len"] or "self.long_factor" not in source:
+            raise UnrecognisedTreeError(
+                f"Phi3LongRoPEScaledRotaryEmbedding.forward has an unexpected shape (parameters {parameters}); the diff "
+                f"replaces the one of {PHI3_V4_46.name} (4.44-4.47)"
+            )
+        return [ReplaceMethod(class_node.name, "forward", member_source(PHI3_V4_46, class_node.name, "forward"))]
+    if (
+        class_node.name == "Phi3ForCausalLM"
+        and forward is not None
+        and V4_46_SWITCH_WARNING in _method_text(text, forward)
+    ):
+        override = member_source(PHI3_V4_46, class_node.name, "forward")
+        without_warning = ast.FunctionDef(
+            **{field: getattr(forward, field) for field in forward._fields if field != "body"},
+            body=[
+                statement
+                for statement in forward.body
+                if not (isinstance(statement, ast.If) and V4_46_SWITCH_WARNING in ast.unparse(statement))
+            ],
+        )
+        if _code_without_docstring(without_warning) != _code_without_docstring(ast.parse(override).body[0]):
+            raise UnrecognisedTreeError(
+                f"Phi3ForCausalLM.forward, once its switch warning is left out, is not the one of {PHI3_V4_46.name} "
+                "(4.46); the diff replaces only that one"
+            )
+        return [ReplaceMethod(class_node.name, "forward", override)]
+    return []
+
+
 def _model_file_plan(
     path: Path,
     relative: str,
@@ -307,6 +362,8 @@ def _model_file_plan(
             if rotary_edits:
                 edits += rotary_edits
                 edits.append(AddImportFrom(3, "modeling_rope_utils", ("dynamic_rope_update",)))
+        if path.name == "modeling_phi3.py":
+            edits += _phi3_v4_46_edits(class_node, text)
         for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD):
             prefix = _model_prefix(class_node.name, role.class_suffix)
             forward = find_function(class_node.body, "forward")
@@ -426,8 +483,7 @@ def make_plan(tree: Path) -> list[FilePlan]:
     if release not in SUPPORTED_RELEASES:
         raise UnrecognisedTreeError(
             f"{tree} holds transformers {release}; the pull-request diff is made for transformers{SUPPORTED_RELEASES} "
-            "(tested: 4.50.3, 4.57.6 and 5.23.0). Before 4.48 Phi-3 rotates with per-layer longrope classes that "
-            "the run-time patches replace; use them there."
+            "(tested: 4.44.2, 4.46.3, 4.50.3, 4.57.6 and 5.23.0)."
         )
     models_dir = tree / "src" / "transformers" / "models"
     references = {role: _reference_forwards(models_dir, role) for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD)}

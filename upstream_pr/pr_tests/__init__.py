@@ -18,25 +18,71 @@ PR_TEST_MODULES = {
 }
 """Upstream test file -> the module of tests the pull request adds to it, written for the current cache API."""
 
-CACHE_API_BEFORE_4_56 = (
-    ("DynamicCache(config=model.config)", "DynamicCache()"),
+SKIP_WITHOUT_LLAMA_LONGROPE = (
+    '@unittest.skip(reason="this release\'s longrope init gives Llama the long factors at every length: no switch")'
+)
+
+OLDER_API = (
+    # `DynamicCache` takes no config, `StaticCache` a batch size
+    ("4.56", None, "DynamicCache(config=model.config)", "DynamicCache()"),
     (
+        "4.56",
+        None,
         "StaticCache(config=model.config, max_cache_len=",
         "StaticCache(config=model.config, max_batch_size=1, max_cache_len=",
     ),
+    (
+        "4.45",
+        None,
+        "StaticCache(config=model.config, max_batch_size=1, max_cache_len=input_ids.shape[1])",
+        'StaticCache(config=model.config, max_batch_size=1, max_cache_len=input_ids.shape[1], device="cpu")',
+    ),
+    # 4.44's longrope init gives Llama the long factors at every length: there is no switch to test
+    (
+        "4.45",
+        "tests/models/llama/test_modeling_llama.py",
+        '@parameterized.expand([("longrope",), ("dynamic",)])',
+        '@parameterized.expand([("dynamic",)])',
+    ),
+    *(
+        (
+            "4.45",
+            "tests/models/llama/test_modeling_llama.py",
+            f"\n    def {test}(",
+            f"\n    {SKIP_WITHOUT_LLAMA_LONGROPE}\n    def {test}(",
+        )
+        for test in ("test_longrope_switches_after_original_max_position_embeddings", "test_generate_with_longrope")
+    ),
+    # 4.44's assisted decoding returns `output_logits` that do not line up with its tokens: greedy decoding only
+    (
+        "4.45",
+        "tests/models/phi3/test_modeling_phi3.py",
+        '@parameterized.expand([("greedy", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": 3})])',
+        '@parameterized.expand([("greedy", {})])',
+    ),
+    # Phi-3's attention layers own their rotary embeddings
+    (
+        "4.48",
+        "tests/models/phi3/test_modeling_phi3.py",
+        "self.get_model().model.rotary_emb",
+        "self.get_model().model.layers[0].self_attn.rotary_emb",
+    ),
 )
-"""How the modules' caches are built before 4.56: `DynamicCache` takes no config, `StaticCache` a batch size."""
+"""How the modules read in releases before the first one given: `(release, file or None for all, current, older)`."""
 
 
 def pr_test_modules(release: Version) -> dict[str, str]:
-    """`PR_TEST_MODULES` as written for `release`'s public API."""
-    if release >= Version("4.56"):
-        return dict(PR_TEST_MODULES)
-    modules = {}
-    for path, text in PR_TEST_MODULES.items():
-        for current, older in CACHE_API_BEFORE_4_56:
-            text = text.replace(current, older)
-        modules[path] = text
+    """`PR_TEST_MODULES` as written for `release`'s public API (see `OLDER_API`)."""
+    modules = dict(PR_TEST_MODULES)
+    for since, only_in, current, older in OLDER_API:
+        if release >= Version(since):
+            continue
+        targets = [path for path in modules if only_in in (None, path) and current in modules[path]]
+        if not targets:
+            # A module changed and the rewrite no longer applies: fail loudly rather than test the wrong API
+            raise LookupError(f"{current!r} is in no test module any more, to rewrite for {release}")
+        for path in targets:
+            modules[path] = modules[path].replace(current, older)
     return modules
 
 
