@@ -35,13 +35,18 @@ import transformers
 from tests.cache_consistency_utils import (
     CONSISTENT_DECODING_AVAILABLE,
     LOGITS_TO_KEEP_ARGUMENT,
+    SWITCH_POINT,
+    TINY_DECODER,
     longrope_factor_profile,
     new_cache,
     random_tokens,
     tiny_phi3_config,
 )
+from tests.real_size_utils import PHI3_MINI_128K_SHAPE, PHI3_MINI_SWITCH_POINT
 from transformers import Phi3ForCausalLM
 
+
+MODEL_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 BENCH_MODELS = {
     # Big enough that a step is real work on a CPU (about 33M parameters), switching after 512 tokens
@@ -57,24 +62,14 @@ BENCH_MODELS = {
     },
     # Phi-3-mini-128k's shape, random weights
     "phi3-mini": {
-        "vocab_size": 32064,
-        "hidden_size": 3072,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "switch_point": 4096,
+        **{name: PHI3_MINI_128K_SHAPE[name] for name in (*MODEL_SIZES, "num_key_value_heads")},
+        "switch_point": PHI3_MINI_SWITCH_POINT,
         "dtype": "bf16",
     },
     # The test suite's size, to check the script itself in seconds
     "tiny-phi3": {
-        "vocab_size": 97,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "switch_point": 32,
+        **{name: TINY_DECODER[name] for name in (*MODEL_SIZES, "num_key_value_heads")},
+        "switch_point": SWITCH_POINT,
         "dtype": "fp32",
     },
 }

@@ -221,7 +221,6 @@ class InsertAfterStatement:
 
     def apply(self, text: str) -> str:
         assignment = assigned_at_module_level(ast.parse(text), self.name)
-
         if assignment is None:
             raise LookupError(f"no module-level assignment to {self.name} here")
         lines = _lines(text)
