@@ -49,7 +49,7 @@ from transformers import Phi3ForCausalLM
 MODEL_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 BENCH_MODELS = {
-    # Big enough that a step is real work on a CPU (about 33M parameters), switching after 512 tokens
+    # Big enough that a step is real work on a CPU (about 34M parameters), switching after 512 tokens
     "small-phi3": {
         "vocab_size": 8192,
         "hidden_size": 512,

@@ -25,7 +25,8 @@ def build_pristine_tree(destination: Path) -> Path:
 def planned_texts(tree: Path, plans: list[FilePlan] | None = None) -> dict[str, tuple[str | None, str]]:
     """
     Every file the pull request changes in `tree`: `{path: (text before or None for a new file, text after)}`,
-    sorted by path. The model code comes from `plans` (`make_plan(tree)` when not given), the tests from `pr_tests`, for the tree's release.
+    sorted by path. The model code comes from `plans` (`make_plan(tree)` when not given), the tests from `pr_tests`,
+    written for the tree's release.
     """
     texts = {}
     for file_plan in plans if plans is not None else make_plan(tree):

@@ -69,7 +69,7 @@ ROPE_UTILITY_FUNCTIONS = (
     "longrope_forward_per_row",
     "dynamic_rope_update",
 )
-"""The functions of `modeling_overrides/modeling_rope_utils.py`, in the order they take `dynamic_rope_update`'s place."""
+"""The functions of `modeling_overrides/modeling_rope_utils.py`, in order: they take `dynamic_rope_update`'s place."""
 
 CACHE_DROP_MARKERS = ("past_key_values = None", "original_max_position_embeddings")
 """What upstream's `prepare_inputs_for_generation` override that drops the cache at the longrope switch contains."""
@@ -245,11 +245,11 @@ def _rotates_batch_wide(tree: ast.Module) -> bool:
 
 
 FREQUENCY_UPDATE_METHODS = ("_dynamic_frequency_update", "_longrope_frequency_update")
-"""The per-class frequency updates of 4.48 to 4.50, which `dynamic_rope_update` replaces."""
+"""The per-class frequency updates of releases before 4.51, which `dynamic_rope_update` replaces."""
 
 
 def _standard_dynamic_update(models_dir: Path) -> str | None:
-    """Llama's `_dynamic_frequency_update`, normalized, in a tree that has one (4.48 to 4.50): what a copy looks like."""
+    """Llama's `_dynamic_frequency_update`, normalized, in a tree that has one (before 4.51): its copies' text."""
     path = models_dir / "llama" / "modeling_llama.py"
     text = path.read_text(encoding="utf-8")
     class_node = find_class(ast.parse(text), "LlamaRotaryEmbedding")
@@ -259,10 +259,10 @@ def _standard_dynamic_update(models_dir: Path) -> str | None:
 
 def _rotary_update_edits(text: str, class_node: ast.ClassDef, standard_dynamic_update: str) -> list:
     """
-    The edits that move a 4.48-4.50 rotary embedding's frequency update to `dynamic_rope_update`, or none when the
-    class does not have that shape: its `forward` starts with the update, and the update it defines (if any) is a copy
-    of Llama's (a variant, such as one passing other arguments to the init function, is left as it is). Phi-3's
-    `forward`, which also makes the longrope update, becomes that of `modeling_overrides`.
+    The edits that move a rotary embedding's own frequency update (before 4.51) to `dynamic_rope_update`, or none
+    when the class does not have that shape: its `forward` starts with the update, and the update it defines (if any)
+    is a copy of Llama's (a variant, such as one passing other arguments to the init function, is left as it is).
+    Phi-3's `forward`, which also makes the longrope update, becomes that of `modeling_overrides`.
     """
     forward = find_function(class_node.body, "forward")
     if forward is None or not forward.body or not is_frequency_update_statement(forward.body[0]):
@@ -306,8 +306,8 @@ def _phi3_v4_46_edits(class_node: ast.ClassDef, text: str) -> list:
         source = _method_text(text, forward)
         if parameters != ["self", "x", "position_ids", "seq_len"] or "self.long_factor" not in source:
             raise UnrecognisedTreeError(
-                f"Phi3LongRoPEScaledRotaryEmbedding.forward has an unexpected shape (parameters {parameters}); the diff "
-                f"replaces the one of {PHI3_V4_46.name} (4.44-4.47)"
+                f"Phi3LongRoPEScaledRotaryEmbedding.forward has an unexpected shape (parameters {parameters}); the "
+                f"diff replaces the one of {PHI3_V4_46.name} (4.44-4.47)"
             )
         return [ReplaceMethod(class_node.name, "forward", member_source(PHI3_V4_46, class_node.name, "forward"))]
     if (
@@ -343,7 +343,7 @@ def _model_file_plan(
     """
     The edits of a modeling or modular file. A modular file also gets, on the methods it defines, the decorators its
     generated modeling file got (the converter rewrites code, so the modular copy may not read like the original).
-    `standard_dynamic_update` is set for trees whose rotary embeddings update their own frequencies (4.48 to 4.50):
+    `standard_dynamic_update` is set for trees whose rotary embeddings update their own frequencies (before 4.51):
     their updates move to `dynamic_rope_update` (see `_rotary_update_edits`).
     """
     text = path.read_text(encoding="utf-8")
@@ -412,7 +412,7 @@ def _model_file_plan(
 def _rope_utils_plan(tree: Path) -> FilePlan:
     """
     The frequency updates of `modeling_overrides/modeling_rope_utils.py` in place of `dynamic_rope_update`, or, in a
-    release without it (4.48 to 4.50), after `ROPE_INIT_FUNCTIONS`, which they use.
+    release without it (before 4.51), after `ROPE_INIT_FUNCTIONS`, which they use.
     """
     relative = "src/transformers/modeling_rope_utils.py"
     module = ast.parse((tree / relative).read_text(encoding="utf-8"))
