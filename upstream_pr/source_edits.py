@@ -25,6 +25,16 @@ def _indented(source: str, indent: str) -> list[str]:
     return [indent + line if line.strip() else line for line in _lines(source.rstrip("\n") + "\n")]
 
 
+def _top_level_functions(sources: tuple[str, ...]) -> list[str]:
+    """The lines of `sources` (functions written at column 0), two blank lines between them, as ruff lays them out."""
+    lines = []
+    for index, source in enumerate(sources):
+        if index:
+            lines += ["\n", "\n"]
+        lines += _indented(source, "")
+    return lines
+
+
 def find_class(tree: ast.Module, class_name: str) -> ast.ClassDef | None:
     return next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name), None)
 
@@ -129,12 +139,7 @@ class ReplaceFunction:
             raise LookupError(f"function {self.name} is not defined here")
         lines = _lines(text)
         start, end = _span(function)
-        new_lines = []
-        for index, source in enumerate(self.sources):
-            if index:
-                new_lines += ["\n", "\n"]
-            new_lines += _indented(source, "")
-        return "".join([*lines[:start], *new_lines, *lines[end:]])
+        return "".join([*lines[:start], *_top_level_functions(self.sources), *lines[end:]])
 
 
 @dataclass(frozen=True)
@@ -224,10 +229,8 @@ class InsertAfterStatement:
         if assignment is None:
             raise LookupError(f"no module-level assignment to {self.name} here")
         lines = _lines(text)
-        new_lines = []
-        for source in self.sources:
-            new_lines += ["\n", "\n", *_indented(source, "")]
-        return "".join([*lines[: assignment.end_lineno], *new_lines, *lines[assignment.end_lineno :]])
+        end = assignment.end_lineno
+        return "".join([*lines[:end], "\n", "\n", *_top_level_functions(self.sources), *lines[end:]])
 
 
 @dataclass(frozen=True)
