@@ -1,20 +1,27 @@
-# Entry points. `make install` sets up .venv; every other target uses it.
+# Entry points. `make install` sets up .venv (once: again only when a requirement file or a version changes); every
+# other target uses it. The project runs from this folder (PYTHONPATH), so nothing is built or installed from it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-TRANSFORMERS_VERSION ?= 5.23.0
+# The newest release the patches are tested on, the last of `TESTED_VERSIONS` in patches/versions.py
+TRANSFORMERS_VERSION ?= $(shell awk -F'"' '/^TESTED_VERSIONS = / {print $$(NF - 1)}' patches/versions.py)
+INSTALLED := $(VENV)/.installed-torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo compare-strategies divergence diff bench test test-matrix test-slow style quality
+.PHONY: install demo check compare-strategies divergence diff bench test test-matrix test-slow style quality
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY)
+$(INSTALLED): patches/requirements.txt requirements-dev.txt | $(PY)
+	rm -f $(VENV)/.installed-*
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet transformers==$(TRANSFORMERS_VERSION) -e ".[dev]"
+	$(PY) -m pip install --quiet transformers==$(TRANSFORMERS_VERSION) -r patches/requirements.txt -r requirements-dev.txt
+	touch $@
+
+install: $(INSTALLED)
 
 # The main job: every decoding path across the longrope switch, unpatched vs patched, on tiny models.
 demo: install
@@ -43,6 +50,10 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) scripts/benchmark.py $(BENCH_ARGS) --output-dir out/bench
+
+# After upgrading transformers: every covered model and decoding path across the switch, patched, in seconds
+check: install
+	$(PY) -m patches check
 
 test: install
 	$(PY) -m pytest tests -q

@@ -99,7 +99,7 @@ def normalize_stale_cache_policy(policy: str | dict[str, str] | None) -> dict[st
             f"`stale_cache` must be one of {STALE_CACHE_POLICIES} or a dict from RoPE type to one of them, "
             f"got {policy!r}."
         )
-    unknown_types = sorted(set(policy) - set(SEQUENCE_DEPENDENT_ROPE_TYPES))
+    unknown_types = [rope_type for rope_type in policy if rope_type not in SEQUENCE_DEPENDENT_ROPE_TYPES]
     if unknown_types:
         raise ValueError(
             f"`stale_cache` names RoPE types {unknown_types} whose caches are not tracked; the tracked types are "
@@ -521,6 +521,16 @@ def _sequence_inputs(model_inputs: dict) -> torch.Tensor:
     return model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else model_inputs["inputs_embeds"]
 
 
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+"""The keyword a forward pass takes its cache under: `cache` from 5.24, where `past_key_values` is its deprecated
+alias (renamed by `deprecate_kwarg` inside the forward pass), `past_key_values` before."""
+
+
+def cache_argument_name(model_inputs: dict) -> str:
+    """The keyword under which `model_inputs` pass the cache (`"past_key_values"` when they pass none)."""
+    return next((name for name in CACHE_ARGUMENT_NAMES if name in model_inputs), "past_key_values")
+
+
 class RopeCacheUpdate:
     """
     One forward pass through a cache, seen from the RoPE frequencies. Built before the forward pass by
@@ -615,6 +625,7 @@ _RECORDED_OR_POSITIONAL_INPUTS = (
     "position_ids",
     "attention_mask",
     "cache_position",
+    "cache",
     "past_key_values",
     "logits_to_keep",
     "num_logits_to_keep",
@@ -746,7 +757,7 @@ def prepare_rope_cache_update(
         # Rows on both sides of the switch: only the rows that changed are recomputed (by their text inputs alone,
         # so not when other inputs come with these tokens; all rows are recomputed with them then)
         rows = torch.tensor(changed_rows, device=new_inputs.device)
-        row_inputs = {"past_key_values": None, "use_cache": True}
+        row_inputs = {cache_argument_name(model_inputs): None, "use_cache": True}
         for name in ("input_ids", "inputs_embeds", "position_ids", "attention_mask"):
             row_inputs[name] = model_inputs[name][rows] if model_inputs.get(name) is not None else None
         if model_inputs.get("cache_position") is not None:
@@ -763,7 +774,7 @@ def prepare_rope_cache_update(
 
     if isinstance(past_key_values, (tuple, list)):
         # A legacy cache cannot be emptied in place; the model starts a new one, returned to the caller as usual
-        model_inputs["past_key_values"] = None
+        model_inputs[cache_argument_name(model_inputs)] = None
     else:
         _reset_cache(past_key_values)
     return RopeCacheUpdate(
@@ -799,7 +810,7 @@ def split_inputs_at_rope_switch(
         A list of one or two dicts of forward-pass keyword arguments whose logits, concatenated, are the logits the
         caller asked for. Each part's `logits_to_keep` says how many of its logits are kept.
     """
-    past_key_values = model_inputs.get("past_key_values")
+    past_key_values = model_inputs.get(cache_argument_name(model_inputs))
     attention_mask = model_inputs.get("attention_mask")
     logits_to_keep = model_inputs.get(logits_to_keep_name, 0) if logits_to_keep_name is not None else 0
     if (
@@ -915,10 +926,11 @@ def check_rope_cache(model_forward=None, *, frequencies_per_row: bool = True):
         if return_tuple:
             kwargs["return_dict"] = True
 
+        past_key_values = kwargs.get(cache_argument_name(kwargs))
         rope_cache_update = prepare_rope_cache_update(
-            self.config, kwargs.get("past_key_values"), kwargs, self.get_input_embeddings(), frequencies_per_row
+            self.config, past_key_values, kwargs, self.get_input_embeddings(), frequencies_per_row
         )
-        rope_cache_update.recompute_rows(self, model_forward, kwargs.get("past_key_values"))
+        rope_cache_update.recompute_rows(self, model_forward, past_key_values)
         outputs = model_forward(self, **rope_cache_update.model_inputs)
         rope_cache_update.commit(outputs.past_key_values)
         outputs = rope_cache_update.caller_outputs(outputs)
@@ -954,9 +966,10 @@ def split_at_rope_switch(causal_lm_forward=None, *, frequencies_per_row: bool = 
         for segment_inputs in segments:
             if return_tuple:
                 segment_inputs["return_dict"] = True
-            if segment_outputs and isinstance(segment_inputs["past_key_values"], (tuple, list)):
+            cache_name = cache_argument_name(segment_inputs)
+            if segment_outputs and isinstance(segment_inputs[cache_name], (tuple, list)):
                 # A legacy cache is not updated in place: the second part extends the one the first returned
-                segment_inputs["past_key_values"] = segment_outputs[-1].past_key_values
+                segment_inputs[cache_name] = segment_outputs[-1].past_key_values
             segment_outputs.append(causal_lm_forward(self, **segment_inputs))
         outputs = _concatenate_outputs(segment_outputs)
         return outputs.to_tuple() if return_tuple else outputs
@@ -1073,7 +1086,12 @@ def check_rope_cache_in_generation(prepare_inputs_for_generation=None, *, freque
         recomputed = None
         if named.get("inputs_embeds") is None:
             recomputed = prepare_rope_cache_for_generation(
-                self.config, named.get("past_key_values"), input_ids, attention_mask, position_ids, frequencies_per_row
+                self.config,
+                named.get(cache_argument_name(named)),
+                input_ids,
+                attention_mask,
+                position_ids,
+                frequencies_per_row,
             )
         model_inputs = prepare_inputs_for_generation(self, *args, **kwargs)
         if recomputed == "sequence":

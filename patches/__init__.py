@@ -14,6 +14,7 @@ Binds the fixes in `modeling_overrides` to the installed transformers at run tim
 
 import contextlib
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 from modeling_overrides.rope_cache_utils import (
@@ -36,6 +37,8 @@ __all__ = [
     "StaleRopeCacheError",
     "StaleRopeCacheWarning",
     "ConsistentDecodingUnavailableError",
+    "PatchRefusedError",
+    "UnprotectedPathsWarning",
     "UnsupportedTransformersVersionError",
     "apply",
     "applied",
@@ -45,7 +48,15 @@ __all__ = [
 
 
 class UnsupportedTransformersVersionError(RuntimeError):
-    """The installed transformers release is outside the range the patches are written for."""
+    """The installed transformers release is outside the range the patches are written and tested for."""
+
+
+class PatchRefusedError(RuntimeError):
+    """A function the patches must replace is not the one they were written for: nothing was changed."""
+
+
+class UnprotectedPathsWarning(UserWarning):
+    """`apply(force=True)` left some functions as upstream wrote them: the paths through them are not protected."""
 
 
 @dataclass
@@ -63,9 +74,12 @@ class PatchStatus:
 
     def __str__(self) -> str:
         support = "supported" if self.version_supported else "NOT supported"
+        applied = "no"
+        if self.applied:
+            applied = f"PARTIALLY ({len(self.refused)} refused, their paths unprotected)" if self.refused else "yes"
         lines = [
             f"transformers {self.transformers_version} ({support}; supported: {self.supported_range})",
-            f"applied: {'yes' if self.applied else 'no'}",
+            f"applied: {applied}",
             f"stale_cache: {self.stale_cache}",
             f"consistent: {'yes' if self.consistent else 'no'}",
         ]
@@ -104,8 +118,9 @@ def apply(
             of them. Types left out, and `None`, get `DEFAULT_STALE_CACHE_POLICIES`: `"recompute"` for longrope,
             `"warn"` for dynamic NTK.
         force (`bool`, defaults to `False`):
-            Patch a transformers release outside the supported range. Each replaced function is still checked
-            against the one the patch was written for, and left alone if it differs.
+            Patch anyway: a transformers release outside the tested range, or one where some function is not the
+            one the patch was written for. Each replaced function is still checked, and left alone if it differs;
+            an `UnprotectedPathsWarning` then names what is left unprotected.
         consistent (`bool`, defaults to `False`):
             Make cached decoding bitwise equal to the forward pass without cache over the same tokens, for the Llama
             and Phi-3 families: every `torch.nn.Linear` (in the whole process) computes over fixed row tiles, and
@@ -117,19 +132,26 @@ def apply(
         The `PatchStatus` after the call.
 
     Raises:
-        `ValueError`: for an unknown policy.
-        `UnsupportedTransformersVersionError`: for a release outside the supported range, unless `force=True`.
+        `ValueError`: for an unknown policy. `TypeError`: for a `force` or `consistent` that is not a `bool`.
+        `UnsupportedTransformersVersionError`: for a release outside the tested range, unless `force=True`.
+        `PatchRefusedError`: when a function the patches replace is not the one they were written for (its
+            signature or code changed), naming each and why, unless `force=True`. Nothing is changed: the patches
+            apply whole or not at all.
         `ConsistentDecodingUnavailableError`: for `consistent=True` on a release before 4.48, whose models do not
             share attention functions. Nothing is changed.
     """
     global _applied, _policy, _consistent
+    _expect_bool("force", force)
+    _expect_bool("consistent", consistent)
     policy = normalize_stale_cache_policy(stale_cache)
     version = versions.installed_version()
     if not versions.is_supported(version) and not force:
         raise UnsupportedTransformersVersionError(
-            f"patches supports transformers {versions.supported_range()}, but {version} is installed. Nothing was "
-            "changed. Install a supported release, or pass `force=True` to patch anyway (each replaced function is "
-            "still checked, and left alone if it is not the one the patch was written for)."
+            f"patches is tested with transformers {versions.supported_range()} (newest tested: "
+            f"{versions.NEWEST_TESTED_VERSION}), but {version} is installed. Nothing was changed. Install a tested "
+            "release, or pass `force=True` to patch anyway and then run `python -m patches check` to see which "
+            "decoding paths it protects (each replaced function is still checked, and left alone if it is not the "
+            "one the patch was written for)."
         )
 
     from .targets import all_bindings, consistent_decoding_bindings
@@ -142,18 +164,35 @@ def apply(
 
     with _lock:
         wanted = all_bindings(policy, upstream_attribute=_upstream_attribute, consistent=consistent)
+        refused = _refusals(wanted)
+        if refused and not force:
+            raise PatchRefusedError(
+                f"transformers {version} is not what the patches were written for: "
+                f"{_describe_refusals(refused)} Nothing was changed. Check for a newer release of the patches, or "
+                "pass `force=True` to patch the rest (those paths then stay as upstream has them)."
+            )
         wanted_keys = {(binding.owner, binding.attribute) for binding in wanted}
         for key in list(_patched):
-            if key not in wanted_keys:
+            if key not in wanted_keys or _patched[key] in refused:
                 _restore(key)
         _refused.clear()
+        _refused.update(refused)
         for binding in wanted:
-            _bind(binding)
+            if binding.name not in refused:
+                _bind(binding)
         set_stale_cache_policy(policy)
         _policy = policy
         _consistent = consistent
         _applied = True
-        return status()
+        current = status()
+    if refused:
+        warnings.warn(
+            f"patches.apply(force=True) left upstream's code in place where it was refused, so decoding through it is "
+            f"not protected: {_describe_refusals(refused)}",
+            UnprotectedPathsWarning,
+            stacklevel=2,
+        )
+    return current
 
 
 def revert() -> PatchStatus:
@@ -205,6 +244,25 @@ def applied(stale_cache: str | dict[str, str] | None = None, force: bool = False
                 revert()
 
 
+def _expect_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be `True` or `False`, got {value!r}.")
+
+
+def _refusals(bindings: list[Binding]) -> dict[str, str]:
+    """Why each binding whose upstream function is not the one its replacement was written for is refused."""
+    refused = {}
+    for binding in bindings:
+        reason = binding.check(_upstream_attribute(binding.owner, binding.attribute))
+        if reason is not None:
+            refused[binding.name] = reason
+    return refused
+
+
+def _describe_refusals(refused: dict[str, str]) -> str:
+    return " ".join(f"`{name}`: {reason}." for name, reason in refused.items())
+
+
 def _upstream_attribute(owner: type, attribute: str):
     """The attribute as upstream defines it, even while it is replaced; `None` if the class only inherits it."""
     key = (owner, attribute)
@@ -212,17 +270,11 @@ def _upstream_attribute(owner: type, attribute: str):
 
 
 def _bind(binding: Binding) -> None:
+    """Replaces one attribute that `_refusals` accepted (nothing to do if it is replaced already)."""
     key = (binding.owner, binding.attribute)
-    current = original_attribute(binding.owner, binding.attribute)
-    original = _originals[key] if key in _patched else current
-    reason = binding.check(original)
-    if reason is not None:
-        _refused[binding.name] = reason
-        if key in _patched:
-            _restore(key)
-        return
     if key in _patched:
         return
+    original = original_attribute(binding.owner, binding.attribute)
     _originals[key] = original
     setattr(binding.owner, binding.attribute, binding.replacement(original))
     _patched[key] = binding.name

@@ -34,7 +34,7 @@ from modeling_overrides.rope_cache_utils import (
     split_at_rope_switch,
 )
 
-from .binding import Binding, all_checks, expect_parameters, expect_source, original_attribute
+from .binding import Binding, all_checks, expect_parameters, expect_source, original_attribute, parameter_names
 
 
 DECODER_FORWARD_LEADING_PARAMETERS = [
@@ -103,15 +103,17 @@ def _rotary_forward_replacement(original):
 
 def _forward_check(required: list[str]):
     """A check for a forward pass whose parameters start like `DECODER_FORWARD_LEADING_PARAMETERS` and include
-    `required` further on (the order of the later ones varies between releases)."""
+    `required` further on (the order of the later ones varies between releases). From 5.24 the cache parameter is
+    named `cache` (`past_key_values` is its deprecated alias)."""
     leading = DECODER_FORWARD_LEADING_PARAMETERS[:-1]
+    leading_from_5_24 = [name if name != "past_key_values" else "cache" for name in leading]
 
     def check(original) -> str | None:
         if original is None:
             return "the class does not define it"
         found = list(inspect.signature(inspect.unwrap(original)).parameters)
         missing = [name for name in required if name not in found]
-        if found[: len(leading)] != leading or missing:
+        if found[: len(leading)] not in (leading, leading_from_5_24) or missing:
             return f"its signature changed: expected parameters starting with {leading} and with {required}, found {found}"
         return None
 
@@ -178,9 +180,11 @@ def _generation_binding(causal_lm: type, upstream_attribute: UpstreamAttribute, 
         # Inherited, or (Phi-3 and PhiMoE from 4.45) an override that only drops the cache at the switch and then
         # calls the generic version: the generic version is decorated, and the drop goes
         def check(original) -> str | None:
-            if original is not None:
-                return expect_source("past_key_values = None", "super().prepare_inputs_for_generation(")(original)
-            return None
+            if original is None:
+                return None
+            # The cache argument is `cache` from 5.24, `past_key_values` before
+            cache_name = "cache" if "cache" in parameter_names(original) else "past_key_values"
+            return expect_source(f"{cache_name} = None", "super().prepare_inputs_for_generation(")(original)
 
         return Binding(
             name=name,

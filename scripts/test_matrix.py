@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from patches.versions import TESTED_VERSIONS  # noqa: E402
 
 
-TEST_TOOLS = ["pytest", "parameterized"]
+DEV_REQUIREMENTS = REPO_ROOT / "requirements-dev.txt"
+"""The test tools (and accelerate, which the tests use), installed in every environment."""
 
 
 def run(command: list[str], **kwargs) -> None:
@@ -50,7 +51,9 @@ def release_environment(matrix_dir: Path, release: str, torch_dir: Path) -> Path
     environment = matrix_dir / f"transformers-{release}"
     python = environment / "bin" / "python"
     marker = environment / ".complete"
-    if not marker.exists():
+    # An environment made with other requirements is made again
+    wanted = f"transformers=={release}\n{DEV_REQUIREMENTS.read_text(encoding='utf-8')}"
+    if not marker.exists() or marker.read_text(encoding="utf-8") != wanted:
         venv.EnvBuilder(clear=True, with_pip=True).create(environment)
         site_packages = subprocess.run(
             [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -60,8 +63,8 @@ def release_environment(matrix_dir: Path, release: str, torch_dir: Path) -> Path
         ).stdout.strip()
         # Shares the one torch installation; the release's own packages, installed below, come first on sys.path
         Path(site_packages, "shared-torch.pth").write_text(f"{torch_dir}\n", encoding="utf-8")
-        run([str(python), "-m", "pip", "install", "--quiet", f"transformers=={release}", *TEST_TOOLS])
-        marker.touch()
+        run([str(python), "-m", "pip", "install", "--quiet", f"transformers=={release}", "-r", str(DEV_REQUIREMENTS)])
+        marker.write_text(wanted, encoding="utf-8")
     return python
 
 

@@ -41,6 +41,10 @@ scaling); its generated tokens are still checked against no-cache greedy decodin
 ACCEPTS_LEGACY_CACHE = Version("4.47.99") > TRANSFORMERS_VERSION
 """Up to 4.47, Phi-3 takes legacy caches (tuples of per-layer `(key, value)` tuples) and returns them as tuples."""
 
+CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Phi3ForCausalLM.forward).parameters else "past_key_values"
+"""The keyword a forward pass takes its cache under: `cache` from 5.24 (`past_key_values` is then a deprecated alias,
+still accepted until 5.40), `past_key_values` before."""
+
 SUPPORTS_STATIC_CACHE_GENERATION = getattr(Phi3ForCausalLM, "_supports_static_cache", True)
 """`generate(cache_implementation="static")` and a caller's `StaticCache` in `generate()` exist for Phi-3 from 4.48."""
 
@@ -211,18 +215,21 @@ def no_cache_logits(model, input_ids, attention_mask=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hand_written_loop_errors(model, input_ids, prompt_length: int, past_key_values=None, chunk_size: int = 1):
+def hand_written_loop_errors(
+    model, input_ids, prompt_length: int, past_key_values=None, chunk_size: int = 1, cache_keyword=CACHE_KEYWORD
+):
     """
     Feeds `input_ids[:, :prompt_length]` and then the rest, `chunk_size` tokens at a time, through a cache as a
-    hand-written loop does (`model(new_tokens, past_key_values=cache)`), and returns for each new token the max
-    |Δlogit| against the no-cache reference, and the cache at the end.
+    hand-written loop does (`model(new_tokens, cache=cache)`, or `past_key_values=cache` before 5.24; another
+    `cache_keyword` tests a deprecated alias), and returns for each new token the max |Δlogit| against the no-cache
+    reference, and the cache at the end.
     """
-    outputs = model(input_ids[:, :prompt_length], past_key_values=past_key_values, use_cache=True)
+    outputs = model(input_ids[:, :prompt_length], **{cache_keyword: past_key_values}, use_cache=True)
     cache = outputs.past_key_values
     errors = []
     for start in range(prompt_length, input_ids.shape[1], chunk_size):
         chunk = input_ids[:, start : start + chunk_size]
-        outputs = model(chunk, past_key_values=cache, use_cache=True)
+        outputs = model(chunk, **{cache_keyword: cache}, use_cache=True)
         assert outputs.logits.shape[1] == chunk.shape[1], "the logits must cover the caller's tokens only"
         if isinstance(cache, tuple):
             # A legacy cache (4.44-4.46, created by the model) is not updated in place: a new tuple comes back
@@ -431,6 +438,19 @@ class LongRopeDecodingTesterMixin:
                     chunk_size=chunk_size,
                 )
                 self.assertMatchesNoCache(errors)
+
+    def test_hand_written_loop_with_the_deprecated_cache_keyword_matches_no_cache(self):
+        if CACHE_KEYWORD == "past_key_values":
+            self.skipTest("`past_key_values` is the cache keyword itself before 5.24, tested above")
+        with patches.applied():
+            errors, _ = hand_written_loop_errors(
+                self.model,
+                random_tokens(SWITCH_POINT + 4),
+                SWITCH_POINT - 2,
+                past_key_values=new_cache("dynamic", self.model.config),
+                cache_keyword="past_key_values",
+            )
+        self.assertMatchesNoCache(errors)
 
     def test_upstream_hand_written_loop_is_stale(self):
         errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 4), SWITCH_POINT - 2)

@@ -2,8 +2,10 @@
 
 import threading
 import unittest
+from pathlib import Path
 from unittest import mock
 
+import tomllib
 from packaging.version import Version
 
 import patches
@@ -121,7 +123,8 @@ class PatchesApiTest(unittest.TestCase):
         self.assertEqual(patches.status().stale_cache, {"longrope": "warn", "dynamic": "warn"})
 
     def test_unsupported_version_is_refused_and_nothing_changes(self):
-        for version in ("4.30.0", "6.1.0"):
+        newest = Version(versions.NEWEST_TESTED_VERSION)
+        for version in ("4.30.0", f"{newest.major}.{newest.minor + 1}.0", "6.1.0"):
             with mock.patch.object(versions, "installed_version", return_value=Version(version)):
                 with self.assertRaises(patches.UnsupportedTransformersVersionError) as raised:
                     patches.apply()
@@ -135,16 +138,36 @@ class PatchesApiTest(unittest.TestCase):
         self.assertTrue(status.applied)
         self.assertFalse(status.version_supported)
 
-    def test_a_changed_upstream_function_is_refused_not_patched(self):
+    def test_a_changed_upstream_function_is_refused_and_nothing_changes(self):
         def forward(self, input_ids, something_new=None):  # not the function the patch was written for
             return None
 
         with mock.patch.object(modeling_phi3.Phi3ForCausalLM, "forward", forward):
-            status = patches.apply()
+            patched_before = {key: value for key, value in snapshot().items() if key[1] != "forward"}
+            with self.assertRaises(patches.PatchRefusedError) as raised:
+                patches.apply()
+            message = str(raised.exception)
+            self.assertIn("`Phi3ForCausalLM.forward`: its signature changed", message)
+            self.assertIn("Nothing was changed", message)
+            self.assertIn("force=True", message)
+            self.assertFalse(patches.status().applied)
+            for key, value in patched_before.items():
+                self.assertIs(snapshot()[key], value, key)
+
+    def test_force_patches_the_rest_and_warns_once_with_what_is_unprotected(self):
+        def forward(self, input_ids, something_new=None):
+            return None
+
+        with mock.patch.object(modeling_phi3.Phi3ForCausalLM, "forward", forward):
+            with self.assertWarns(patches.UnprotectedPathsWarning) as warned:
+                status = patches.apply(force=True)
+            self.assertIn("`Phi3ForCausalLM.forward`: its signature changed", str(warned.warning))
+            self.assertEqual(warned.filename, __file__)
             self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], forward)
-            self.assertIn("Phi3ForCausalLM.forward", status.refused)
             self.assertIn("signature changed", status.refused["Phi3ForCausalLM.forward"])
             self.assertNotIn("Phi3ForCausalLM.forward", status.patched)
+            self.assertIn("Phi3Model.forward", status.patched)
+            self.assertIn("applied: PARTIALLY (1 refused", str(status))
             patches.revert()
             self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], forward)
 
@@ -162,11 +185,45 @@ class PatchesApiTest(unittest.TestCase):
         owner, attribute = ROTARY_ATTRIBUTES[0]
         changed = changed_legacy_rotary_forward if version < Version("4.48") else changed_rotary_forward
         with mock.patch.object(owner, attribute, changed):
-            status = patches.apply()
+            with self.assertRaisesRegex(patches.PatchRefusedError, "its code changed"):
+                patches.apply()
+            self.assertIs(owner.__dict__[attribute], changed)
+            with self.assertWarns(patches.UnprotectedPathsWarning):
+                status = patches.apply(force=True)
             self.assertIs(owner.__dict__[attribute], changed)
             self.assertIn("its code changed", status.refused[binding_name(owner, attribute)])
             self.assertNotIn(binding_name(owner, attribute), status.patched)
             patches.revert()
+
+    def test_the_tested_range_is_the_packaged_requirement(self):
+        # One source: patches/requirements.txt, which pyproject.toml reads for the dependencies
+        pyproject = tomllib.loads(Path(__file__).parent.parent.joinpath("pyproject.toml").read_text(encoding="utf-8"))
+        self.assertEqual(
+            pyproject["tool"]["setuptools"]["dynamic"]["dependencies"], {"file": ["patches/requirements.txt"]}
+        )
+        specifier = versions.supported_specifier()
+        for release in versions.TESTED_VERSIONS:
+            self.assertTrue(versions.is_supported(Version(release)), release)
+        oldest, newest = Version(versions.TESTED_VERSIONS[0]), Version(versions.NEWEST_TESTED_VERSION)
+        self.assertNotIn(f"{oldest.major}.{oldest.minor}.{oldest.micro - 1}", specifier)
+        self.assertIn(f"{newest.major}.{newest.minor}.99", specifier)
+        self.assertNotIn(f"{newest.major}.{newest.minor + 1}.0", specifier)
+        self.assertEqual(versions.supported_range(), f">={oldest},<{newest.major}.{newest.minor + 1}")
+
+    def test_bad_arguments_are_refused_with_what_is_accepted(self):
+        for arguments, error, message in (
+            ({"consistent": "no"}, TypeError, "`consistent` must be `True` or `False`, got 'no'"),
+            ({"force": 1}, TypeError, "`force` must be `True` or `False`, got 1"),
+            ({"stale_cache": {1: "warn"}}, ValueError, r"names RoPE types \[1\]"),
+            ({"stale_cache": {"yarn": "warn"}}, ValueError, r"names RoPE types \['yarn'\]"),
+            ({"stale_cache": "sometimes"}, ValueError, "Unknown stale-cache policy 'sometimes'"),
+            ({"stale_cache": ["warn"]}, ValueError, "must be one of"),
+        ):
+            with self.subTest(**{name: repr(value) for name, value in arguments.items()}):
+                with self.assertRaisesRegex(error, message):
+                    patches.apply(**arguments)
+                self.assertFalse(patches.status().applied)
+                self.assertEqual(snapshot(), self.originals)
 
     def test_import_patches_auto_applies_defaults(self):
         import importlib

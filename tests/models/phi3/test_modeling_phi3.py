@@ -37,6 +37,7 @@ from transformers.utils import logging
 
 from ...cache_consistency_utils import (
     ACCEPTS_LEGACY_CACHE,
+    CACHE_KEYWORD,
     CONSISTENT_DECODING_AVAILABLE,
     DTYPES,
     FP32_TOLERANCE,
@@ -126,6 +127,23 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
         self.assertMatchesNoCache(errors)
         self.assertIs(returned_cache, cache)
         self.assertIs(type(returned_cache), type(cache))
+
+    def test_hand_written_loop_with_the_deprecated_cache_keyword_matches_no_cache(self):
+        # From 5.24 the keyword is `cache`; loops written for earlier releases pass `past_key_values`
+        if CACHE_KEYWORD == "past_key_values":
+            self.skipTest("`past_key_values` is the cache keyword itself before 5.24, tested above")
+        for cache_kind in ("dynamic", "static"):
+            with self.subTest(cache=cache_kind):
+                cache = new_cache(cache_kind, self.model.config)
+                errors, returned_cache = hand_written_loop_errors(
+                    self.model,
+                    random_tokens(SWITCH_POINT + 6),
+                    SWITCH_POINT - 4,
+                    past_key_values=cache,
+                    cache_keyword="past_key_values",
+                )
+                self.assertMatchesNoCache(errors)
+                self.assertIs(returned_cache, cache)
 
     def test_hand_written_loop_with_cache_created_by_the_model(self):
         errors, _ = hand_written_loop_errors(self.model, random_tokens(SWITCH_POINT + 6), SWITCH_POINT - 3)
