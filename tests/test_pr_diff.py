@@ -24,16 +24,27 @@ import textwrap
 import unittest
 from pathlib import Path
 
+from packaging.version import Version
+
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
 from upstream_pr.description import describe
 from upstream_pr.diff import build_pristine_tree, planned_texts, unified_diff
-from upstream_pr.plan import OVERRIDES, SUPPORTED_RELEASES, UnrecognisedTreeError, make_plan, member_source
-from upstream_pr.pr_tests import merge_test_module
+from upstream_pr.plan import (
+    OVERRIDES,
+    SUPPORTED_RELEASES,
+    UnrecognisedTreeError,
+    _unquoted_annotations,
+    drops_cache_at_switch,
+    make_plan,
+    member_source,
+)
+from upstream_pr.pr_tests import merge_test_module, pr_test_modules
 from upstream_pr.source_edits import (
     AddImportFrom,
     InsertAfterStatement,
     MoveFrequencyUpdateToDecorator,
     RemoveMethod,
+    RemoveUnusedImport,
     function_source,
 )
 from upstream_pr.verify import verify
@@ -112,7 +123,9 @@ class InstalledReleaseDiffTest(unittest.TestCase):
         # Upstream's drop of the cache is gone from every model that had it
         for path, (_, after) in self.texts.items():
             if path.startswith("src/"):
-                self.assertNotIn("past_key_values = None\n                kwargs", after, path)
+                for node in ast.walk(ast.parse(after)):
+                    if isinstance(node, ast.FunctionDef) and node.name == "prepare_inputs_for_generation":
+                        self.assertFalse(drops_cache_at_switch(ast.get_source_segment(after, node)), path)
 
     def test_transplanted_code_is_the_code_of_modeling_overrides(self):
         _, rope_utils = self.texts["src/transformers/modeling_rope_utils.py"]
@@ -178,6 +191,33 @@ class MergeTestModuleTest(unittest.TestCase):
         ast.parse(merged)
 
 
+class ReleaseSpellingTest(unittest.TestCase):
+    def test_the_cache_drop_is_recognised_under_either_name_of_the_cache(self):
+        drop = (
+            "def prepare_inputs_for_generation(self, input_ids, {name}=None, **kwargs):\n"
+            "    if {name} and input_ids.shape[1] >= self.config.original_max_position_embeddings + 1:\n"
+            "        {name} = None\n"
+            "    return super().prepare_inputs_for_generation(input_ids, {name}={name}, **kwargs)\n"
+        )
+        for name in ("past_key_values", "cache"):
+            self.assertTrue(drops_cache_at_switch(drop.format(name=name)), name)
+        self.assertFalse(drops_cache_at_switch(drop.format(name="cache").replace("cache = None", "use_cache = None")))
+
+    def test_added_tests_pass_the_cache_under_the_release_s_name(self):
+        for release, name in (("5.24.0", "cache"), ("5.23.0", "past_key_values"), ("4.44.2", "past_key_values")):
+            for path, text in pr_test_modules(Version(release)).items():
+                self.assertIn(f", {name}=cache)", text, (release, path))
+                self.assertNotIn(", cache=cache)" if name != "cache" else "past_key_values", text, (release, path))
+
+    def test_postponed_annotations_are_unquoted(self):
+        # 4.x trees get `from __future__ import annotations`, which makes quoted forward references redundant (UP037)
+        text = 'class Record:\n    def of(cls, x: "Record", y="Record") -> "Record":\n        z: "Record" = y\n'
+        self.assertEqual(
+            _unquoted_annotations(text),
+            'class Record:\n    def of(cls, x: Record, y="Record") -> Record:\n        z: Record = y\n',
+        )
+
+
 class SourceEditsTest(unittest.TestCase):
     ROTARY = (
         "import torch\n\n\n"
@@ -211,6 +251,12 @@ class SourceEditsTest(unittest.TestCase):
         once = MoveFrequencyUpdateToDecorator("ToyRotaryEmbedding", "dynamic_rope_update").apply(text)
         with self.assertRaisesRegex(LookupError, "does not start with a frequency update"):
             MoveFrequencyUpdateToDecorator("ToyRotaryEmbedding", "dynamic_rope_update").apply(once)
+
+    def test_an_import_goes_once_its_last_use_is_replaced(self):
+        text = "from .a import dropped, used\nfrom .b import unused\nfrom .c import x, unused_too\n\n\nused(x)\n"
+        for name in ("used", "dropped", "unused", "unused_too", "not_imported"):
+            text = RemoveUnusedImport(name).apply(text)
+        self.assertEqual(text, "from .a import used\nfrom .c import x\n\n\nused(x)\n")
 
     def test_functions_go_after_an_assignment_and_imports_where_isort_puts_them(self):
         text = "import math\nfrom typing import Optional\n\nTABLE = {\n    1: 2,\n}\n\n\ndef last():\n    pass\n"

@@ -26,6 +26,7 @@ from .source_edits import (
     InsertAfterStatement,
     MoveFrequencyUpdateToDecorator,
     RemoveMethod,
+    RemoveUnusedImport,
     ReplaceFunction,
     ReplaceMethod,
     assigned_at_module_level,
@@ -71,8 +72,15 @@ ROPE_UTILITY_FUNCTIONS = (
 )
 """The functions of `modeling_overrides/modeling_rope_utils.py`, in order: they take `dynamic_rope_update`'s place."""
 
-CACHE_DROP_MARKERS = ("past_key_values = None", "original_max_position_embeddings")
-"""What upstream's `prepare_inputs_for_generation` override that drops the cache at the longrope switch contains."""
+CACHE_DROP_MARKERS = (r"^\s*(past_key_values|cache) = None$", r"original_max_position_embeddings")
+"""What upstream's `prepare_inputs_for_generation` override that drops the cache at the longrope switch contains (each
+a regular expression, matched line by line): the drop, of `past_key_values` or, from 5.24, where the argument is
+named `cache`, of `cache`, and the switch point."""
+
+
+def drops_cache_at_switch(source: str) -> bool:
+    """Whether `source` (a `prepare_inputs_for_generation`) is upstream's drop of the cache at the longrope switch."""
+    return all(re.search(marker, source, flags=re.MULTILINE) for marker in CACHE_DROP_MARKERS)
 
 
 class UnrecognisedTreeError(ValueError):
@@ -90,7 +98,9 @@ class FilePlan:
     def describe(self) -> list[str]:
         if self.new_text is not None:
             return ["new file"]
-        return [_describe_edit(edit) for edit in self.edits if not isinstance(edit, AddImportFrom)]
+        return [
+            _describe_edit(edit) for edit in self.edits if not isinstance(edit, (AddImportFrom, RemoveUnusedImport))
+        ]
 
 
 def _describe_edit(edit) -> str:
@@ -218,7 +228,7 @@ def _generation_edit(text: str, class_node: ast.ClassDef, is_modular: bool, batc
         if is_modular:
             return None
         return AddMethod(class_node.name, "prepare_inputs_for_generation", checked_generation, after="forward")
-    if all(marker in _method_text(text, own) for marker in CACHE_DROP_MARKERS):
+    if drops_cache_at_switch(_method_text(text, own)):
         # Upstream's drop of the cache at the switch, which the check replaces on every path
         return ReplaceMethod(class_node.name, "prepare_inputs_for_generation", checked_generation)
     return AddDecorator(
@@ -384,7 +394,7 @@ def _model_file_plan(
         if (
             own_generation is not None
             and not any(getattr(edit, "class_name", None) == class_node.name for edit in edits)
-            and all(marker in _method_text(text, own_generation) for marker in CACHE_DROP_MARKERS)
+            and drops_cache_at_switch(_method_text(text, own_generation))
         ):
             # A modular class that inherits its `forward` but defines upstream's drop of the cache
             edits.append(_generation_edit(text, class_node, is_modular, batch_wide))
@@ -406,7 +416,26 @@ def _model_file_plan(
         edits.append(AddImportFrom(3, "generation", ("GenerationMixin",)))
     if imported:
         edits.append(AddImportFrom(3, "rope_cache_utils", tuple(sorted(imported))))
+    edits += _imports_left_unused(tree, edits)
     return FilePlan(relative, edits)
+
+
+def _imports_left_unused(tree: ast.Module, edits: list) -> list:
+    """
+    The imports that a replaced method may have been the last user of (from 5.24, the `deprecate_kwarg` of PhiMoE's
+    `prepare_inputs_for_generation` in its modular file): each goes if nothing uses it once the edits are made.
+    """
+    imported = {
+        alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+    names = set()
+    for edit in edits:
+        if isinstance(edit, ReplaceMethod):
+            class_node = find_class(tree, edit.class_name)
+            method = find_function(class_node.body, edit.method_name) if class_node is not None else None
+            if method is not None:
+                names |= {node.id for node in ast.walk(method) if isinstance(node, ast.Name)} & imported
+    return [RemoveUnusedImport(name) for name in sorted(names)]
 
 
 def _rope_utils_plan(tree: Path) -> FilePlan:
@@ -468,7 +497,42 @@ def _rope_cache_module_text(release: Version) -> str:
         text = "".join(
             [*lines[: first_import - 1], "from __future__ import annotations\n\n", *lines[first_import - 1 :]]
         )
+        text = _unquoted_annotations(text)
     return text
+
+
+def _unquoted_annotations(text: str) -> str:
+    """`text` with its annotations written as strings (forward references) unquoted: postponed annotations make the
+    quotes redundant (ruff's UP037)."""
+    annotations = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args
+            parameters = [
+                *arguments.posonlyargs,
+                *arguments.args,
+                *arguments.kwonlyargs,
+                arguments.vararg,
+                arguments.kwarg,
+            ]
+            annotations += [parameter.annotation for parameter in parameters if parameter is not None]
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+    quoted = [
+        annotation
+        for annotation in annotations
+        if isinstance(annotation, ast.Constant)
+        and isinstance(annotation.value, str)
+        and annotation.lineno == annotation.end_lineno
+    ]
+    lines = text.splitlines(keepends=True)
+    # From the last, so that the offsets of those before stay right (`ast` counts them in UTF-8 bytes)
+    for annotation in sorted(quoted, key=lambda node: (node.lineno, node.col_offset), reverse=True):
+        line = lines[annotation.lineno - 1].encode("utf-8")
+        unquoted = line[: annotation.col_offset] + annotation.value.encode("utf-8") + line[annotation.end_col_offset :]
+        lines[annotation.lineno - 1] = unquoted.decode("utf-8")
+    return "".join(lines)
 
 
 def make_plan(tree: Path) -> list[FilePlan]:

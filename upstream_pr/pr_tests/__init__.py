@@ -23,6 +23,9 @@ SKIP_WITHOUT_LLAMA_LONGROPE = (
 )
 
 OLDER_API = (
+    # The cache is passed as `past_key_values`, and model outputs hold it under that name
+    ("5.24", None, ", cache=cache)", ", past_key_values=cache)"),
+    ("5.24", "tests/models/phi3/test_modeling_phi3.py", "outputs.cache,", "outputs.past_key_values,"),
     # `DynamicCache` takes no config, `StaticCache` a batch size
     ("4.56", None, "DynamicCache(config=model.config)", "DynamicCache()"),
     (

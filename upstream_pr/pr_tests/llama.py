@@ -100,9 +100,9 @@ class LlamaSequenceDependentRopeCacheTest(unittest.TestCase):
         input_ids = self.random_tokens(self.switch_point + 6)
         cache = DynamicCache(config=model.config)
         prompt_length = self.switch_point - 3
-        model(input_ids[:, :prompt_length], past_key_values=cache)
+        model(input_ids[:, :prompt_length], cache=cache)
         for position in range(prompt_length, input_ids.shape[1]):
-            logits = model(input_ids[:, position : position + 1], past_key_values=cache).logits[:, -1]
+            logits = model(input_ids[:, position : position + 1], cache=cache).logits[:, -1]
             reference = self.no_cache_logits(lambda: self.get_model(rope_type), input_ids[:, : position + 1])
             torch.testing.assert_close(logits, reference, rtol=0, atol=self.tolerance)
 

@@ -89,10 +89,10 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
         else:
             cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1])
         prompt_length = self.switch_point - 4
-        model(input_ids[:, :prompt_length], past_key_values=cache)
+        model(input_ids[:, :prompt_length], cache=cache)
         for start in range(prompt_length, input_ids.shape[1], chunk_size):
-            outputs = model(input_ids[:, start : start + chunk_size], past_key_values=cache)
-            self.assertIs(outputs.past_key_values, cache)
+            outputs = model(input_ids[:, start : start + chunk_size], cache=cache)
+            self.assertIs(outputs.cache, cache)
             for offset in range(outputs.logits.shape[1]):
                 reference = self.no_cache_logits(model, input_ids[:, : start + offset + 1])
                 torch.testing.assert_close(outputs.logits[:, offset], reference, rtol=0, atol=self.tolerance)
