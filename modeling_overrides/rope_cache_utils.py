@@ -27,6 +27,8 @@ steps never synchronise with the device.
 """
 
 import inspect
+import os
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -134,6 +136,20 @@ def _enforced_stale_cache_policy(config) -> str | None:
     policy = get_stale_cache_policy(rope_type)
     if is_torchdynamo_compiling() or rope_type not in SEQUENCE_DEPENDENT_ROPE_TYPES or policy == "ignore":
         return None
+    return policy
+
+
+def _generation_stale_cache_policy(config) -> str | None:
+    """
+    The stale-cache policy `generate()` applies. It owns its cache and knows every input, so a stale longrope cache is
+    recomputed there under every policy but `"raise"`: one prefill per generation, as Phi-3's `generate()` has done
+    since 4.45 by dropping its cache at the switch, so that no policy leaves `generate()` less exact than it was. The
+    other policies govern the caches of hand-written loops. Dynamic NTK follows its policy in `generate()` too, since
+    recomputing at every step past `max_position_embeddings` costs a prefill per generated token.
+    """
+    policy = _enforced_stale_cache_policy(config)
+    if get_rope_type(config) == "longrope" and not is_torchdynamo_compiling() and policy != "raise":
+        return "recompute"
     return policy
 
 
@@ -295,11 +311,14 @@ class RopeCacheRecord:
         self.length = sum(chunk.length for chunk in chunks)
         self._forget_inputs_of_other_modalities(chunks)
 
-    def append(self, chunk: _FedChunk, regime: str | None):
+    def append(self, chunk: _FedChunk, regime: str | None, embedding_layer: torch.nn.Module):
         if self.chunks is not None:
             self.chunks.append(chunk)
             if len(self.chunks) >= _MAX_CHUNKS:
                 self.chunks = _merge_chunks(self.chunks)
+            if len(self.chunks) >= _MAX_CHUNKS // 2:
+                # Token ids and embeddings alternate too often to merge: everything becomes one chunk of embeddings
+                self.chunks = [_fold_chunks(self.chunks, embedding_layer)]
         self.length += chunk.length
         self.regime = regime
         self._forget_inputs_of_other_modalities([chunk])
@@ -375,6 +394,27 @@ def _merge_chunks(chunks: list[_FedChunk]) -> list[_FedChunk]:
     return merged
 
 
+@torch.no_grad()
+def _fold_chunks(chunks: list[_FedChunk], embedding_layer: torch.nn.Module) -> _FedChunk:
+    """One chunk of embeddings (and positions, if any chunk has them) standing for all of `chunks`."""
+    batch_size = max(
+        (chunk.input_ids if chunk.input_ids is not None else chunk.inputs_embeds).shape[0] for chunk in chunks
+    )
+    inputs_embeds = torch.cat(
+        [
+            (chunk.inputs_embeds if chunk.inputs_embeds is not None else embedding_layer(chunk.input_ids)).expand(
+                batch_size, -1, -1
+            )
+            for chunk in chunks
+        ],
+        dim=1,
+    )
+    position_ids = None
+    if any(chunk.position_ids is not None for chunk in chunks):
+        position_ids = torch.cat([_chunk_positions(chunk, batch_size) for chunk in chunks], dim=-1)
+    return _FedChunk(input_ids=None, inputs_embeds=inputs_embeds, position_ids=position_ids, start=chunks[0].start)
+
+
 def _chunk_positions(chunk: _FedChunk, batch_size: int) -> torch.Tensor:
     if chunk.position_ids is not None:
         return chunk.position_ids.expand(batch_size, -1)
@@ -428,6 +468,28 @@ def _row_regimes(regime, batch_size: int) -> list[str]:
     return list(regime) if isinstance(regime, tuple) else [regime] * batch_size
 
 
+def _library_directories() -> tuple[str, ...]:
+    """The folders of the code between a caller and this module: torch's, transformers', and this package's."""
+    import transformers
+
+    return tuple(
+        os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+        for module in (torch, transformers, sys.modules[__name__])
+    )
+
+
+def _caller_stacklevel() -> int:
+    """
+    The `stacklevel` that makes a warning point at the caller's own line (their loop, their `generate()` call), past
+    every frame of torch, transformers and this package, however deep the decorators and module calls nest.
+    """
+    library_directories = _library_directories()
+    frame, stacklevel = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(library_directories):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    return stacklevel
+
+
 def _warn_stale_cache(record: RopeCacheRecord, cache_length: int, new_length: int, regime: str, rope_type: str):
     if record.warned:
         return
@@ -439,7 +501,7 @@ def _warn_stale_cache(record: RopeCacheRecord, cache_length: int, new_length: in
         "keys and values are stale and the outputs will differ from a forward pass without cache. To recompute the "
         'cache exactly, use `stale_cache="recompute"`.',
         StaleRopeCacheWarning,
-        stacklevel=3,
+        stacklevel=_caller_stacklevel(),
     )
 
 
@@ -575,8 +637,11 @@ class RopeCacheUpdate:
             keys[rows, :, :cache_length] = new_keys[:, :, :cache_length].to(keys.dtype)
             values[rows, :, :cache_length] = new_values[:, :, :cache_length].to(values.dtype)
 
-    def commit(self, past_key_values) -> None:
-        """Records the forward pass on `past_key_values`, the cache the model returned (if any)."""
+    def commit(self, past_key_values, embedding_layer: torch.nn.Module) -> None:
+        """
+        Records the forward pass on `past_key_values`, the cache the model returned (if any). `embedding_layer` embeds
+        recorded token ids when the record folds its inputs into embeddings.
+        """
         if past_key_values is None or self._config is None:
             return
         restart = self._prefix_length is not None
@@ -596,7 +661,7 @@ class RopeCacheUpdate:
             record.restart(self._regime, list(self._chunks))
         else:
             for chunk in self._chunks:
-                record.append(chunk, self._regime)
+                record.append(chunk, self._regime, embedding_layer)
         record.remember(past_key_values)
 
     def caller_outputs(self, outputs):
@@ -932,7 +997,7 @@ def check_rope_cache(model_forward=None, *, frequencies_per_row: bool = True):
         )
         rope_cache_update.recompute_rows(self, model_forward, past_key_values)
         outputs = model_forward(self, **rope_cache_update.model_inputs)
-        rope_cache_update.commit(outputs.past_key_values)
+        rope_cache_update.commit(outputs.past_key_values, self.get_input_embeddings())
         outputs = rope_cache_update.caller_outputs(outputs)
         return outputs.to_tuple() if return_tuple else outputs
 
@@ -987,13 +1052,14 @@ def prepare_rope_cache_for_generation(
     When the cache was cropped or reordered (assisted decoding, beam search), the record no longer knows what the
     cache holds, but `generate()` does: the first `cache_length` tokens of `input_ids`. The record learns them again.
 
-    When the coming forward pass needs other RoPE frequencies than the cache holds and the policy is `"recompute"`,
-    returns what is recomputed: `"sequence"` when the cache has been reset in place and the caller feeds the whole
+    When the coming forward pass needs other RoPE frequencies than the cache holds and the policy `generate()` applies
+    is `"recompute"` (see `_generation_stale_cache_policy`: for longrope, every policy but `"raise"`), returns what is
+    recomputed: `"sequence"` when the cache has been reset in place and the caller feeds the whole
     sequence through it, `"rows"` when only some rows of the batch change and the forward pass recomputes those (it
     then needs the 2D attention mask). Returns `None` otherwise. `frequencies_per_row` is as in
     `prepare_rope_cache_update`.
     """
-    policy = _enforced_stale_cache_policy(config)
+    policy = _generation_stale_cache_policy(config)
     if past_key_values is None or policy is None:
         return None
     record = RopeCacheRecord.of(past_key_values)
@@ -1025,8 +1091,9 @@ def prepare_rope_cache_for_generation(
     unchanged_rows = [
         old == new for old, new in zip(_row_regimes(record.regime, batch_size), _row_regimes(last_regime, batch_size))
     ]
-    if first_regime == last_regime and any(unchanged_rows):
-        # Some rows keep their frequencies: `forward` recomputes only the others, from the 2D attention mask
+    if first_regime == last_regime and any(unchanged_rows) and _enforced_stale_cache_policy(config) == "recompute":
+        # Some rows keep their frequencies: `forward` recomputes only the others, from the 2D attention mask (which it
+        # does under `"recompute"` alone; under the other policies the whole batch is fed again, as below)
         return "rows"
     _reset_cache(past_key_values)
     record.restart(regime=None, chunks=[])

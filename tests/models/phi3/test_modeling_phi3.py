@@ -164,6 +164,27 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
                 errors.append((outputs.logits[:, -1] - reference).abs().max().item())
         self.assertMatchesNoCache(errors)
 
+    def test_a_loop_alternating_token_ids_and_embeddings_keeps_a_short_record(self):
+        # Chunks of ids and of embeddings cannot be merged with each other: the record folds them into embeddings
+        switch_point = 160
+        model = tiny_phi3_model(switch_point=switch_point, max_position_embeddings=2 * switch_point)
+        input_ids = random_tokens(switch_point + 4)
+        embeddings = model.get_input_embeddings()
+        cache = new_cache("dynamic", model.config, max_cache_len=2 * switch_point)
+        record_lengths, errors = [], []
+        with torch.no_grad():
+            model(input_ids[:, :2], past_key_values=cache)
+            for position in range(2, input_ids.shape[1]):
+                token = input_ids[:, position : position + 1]
+                step_inputs = {"input_ids": token} if position % 2 else {"inputs_embeds": embeddings(token)}
+                outputs = model(**step_inputs, past_key_values=cache)
+                record_lengths.append(len(rope_cache_utils.RopeCacheRecord.of(cache).chunks))
+                if position >= switch_point - 1:
+                    reference = no_cache_logits(model, input_ids[:, : position + 1])
+                    errors.append((outputs.logits[:, -1] - reference).abs().max().item())
+        self.assertLess(max(record_lengths), rope_cache_utils._MAX_CHUNKS)
+        self.assertMatchesNoCache(errors)
+
     @unittest.skipIf(LOGITS_TO_KEEP_ARGUMENT is None, "this release's Phi-3 always returns every logit")
     def test_logits_to_keep_is_honoured_when_recomputing(self):
         input_ids = random_tokens(SWITCH_POINT + 2)
@@ -350,6 +371,8 @@ class Phi3StaleCachePolicyTest(unittest.TestCase):
             with self.assertWarns(patches.StaleRopeCacheWarning) as caught:
                 outputs = self._step(cache, SWITCH_POINT)
             self.assertIn(f"now {SWITCH_POINT + 1} tokens long", str(caught.warning))
+            # It points at the caller's line, past the decorators and module calls
+            self.assertEqual(caught.filename, __file__)
             self.assertIn('stale_cache="recompute"', str(caught.warning))
             import warnings
 
@@ -371,6 +394,25 @@ class Phi3StaleCachePolicyTest(unittest.TestCase):
     def test_raise_in_generate(self):
         with patches.applied(stale_cache="raise"), self.assertRaises(patches.StaleRopeCacheError):
             self.model.generate(random_tokens(SWITCH_POINT - 2), max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    @parameterized.expand(
+        [
+            ("warn", "warn"),
+            ("rerotate", "rerotate"),
+            ("ignore_longrope_only", {"longrope": "ignore", "dynamic": "warn"}),
+        ]
+    )
+    def test_no_policy_makes_generate_less_exact_than_upstream(self, _, policy):
+        # Upstream's generate() drops Phi-3's cache at the switch: exact. Every policy but "raise" recomputes there.
+        # "ignore" keeps no record of the forward passes, so a left-padded row crossing after the first is left as
+        # upstream leaves it; the other policies recompute it too.
+        prompt = random_tokens(SWITCH_POINT - 3)
+        with patches.applied(stale_cache=policy), warnings.catch_warnings():
+            warnings.simplefilter("error", patches.StaleRopeCacheWarning)
+            _, errors = generate_errors(self.model, prompt, max_new_tokens=8, do_sample=False)
+            row_errors = left_padded_generate_row_errors(self.model) if isinstance(policy, str) else [0.0]
+        self.assertLessEqual(max(errors), FP32_TOLERANCE, errors)
+        self.assertLessEqual(max(row_errors), FP32_TOLERANCE, row_errors)
 
     def test_ignore_keeps_the_stale_cache_silently(self):
         with patches.applied(stale_cache="ignore"):
