@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import patches
-from tests.cache_consistency_utils import SWITCH_POINT, new_cache, random_tokens, tiny_phi3_config, tiny_phi3_model
+from patches.tiny_models import SWITCH_POINT, new_cache, random_tokens, tiny_phi3_config, tiny_phi3_model
 from transformers import Phi3ForCausalLM
 
 

@@ -13,14 +13,8 @@ import warnings
 import torch
 
 import patches
-from tests.cache_consistency_utils import (
-    FP32_TOLERANCE,
-    SWITCH_POINT,
-    generate_errors,
-    hand_written_loop_errors,
-    random_tokens,
-    tiny_phi3_model,
-)
+from patches.reference import FP32_TOLERANCE, generate_errors, hand_written_loop_errors
+from patches.tiny_models import SWITCH_POINT, random_tokens, tiny_phi3_model
 from transformers import StaticCache
 from transformers.utils import logging
 

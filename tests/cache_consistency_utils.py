@@ -1,6 +1,6 @@
 """
-Shared helpers for the cache-consistency tests and the demo: tiny models with a small RoPE switch point, and the
-reference every cached decoding path is measured against, a forward pass without cache over the same tokens.
+Shared helpers for the cache-consistency tests. The tiny models and the no-cache reference live in the package
+(`patches.tiny_models`, `patches.reference`), where the self-check uses them too; they are re-exported here.
 """
 
 import inspect
@@ -9,20 +9,40 @@ import torch
 from packaging.version import Version
 
 import patches
-import transformers
 from modeling_overrides.rope_cache_utils import rope_frequency_regime
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
+from patches.reference import (  # noqa: F401
+    CACHE_KEYWORD,
+    FP32_TOLERANCE,
+    generate_errors,
+    hand_written_loop_errors,
+    left_padded_batch,
+    left_padded_generate_row_errors,
+    no_cache_logits,
+    row_alone_errors,
+)
+from patches.tiny_models import (  # noqa: F401
+    DYNAMIC_NTK_FACTOR,
+    LONG_MSCALE,
+    SHORT_MSCALE,
+    SWITCH_POINT,
+    TINY_DECODER,
+    TINY_IMAGE_SIZE,
+    TRANSFORMERS_VERSION,
+    longrope_factor_profile,
+    new_cache,
+    random_tokens,
+    reset_dynamic_rope,
+    rope_config,
+    tiny_llama_config,
+    tiny_llama_model,
+    tiny_phi3_config,
+    tiny_phi3_model,
+    tiny_phi4_multimodal_model,
+    tiny_phimoe_model,
+    tiny_standard_model,
+)
+from transformers import Phi3ForCausalLM
 
-
-SWITCH_POINT = 32
-"""`original_max_position_embeddings` of the tiny longrope models: sequences longer than this use the long factors."""
-
-FP32_TOLERANCE = 1e-4
-"""Max |Δlogit| accepted against the no-cache reference in fp32. Cached and uncached forward passes of the tiny models
-differ by ~1e-7 (matrix products of different shapes round differently); a stale cache differs by ~1e-2 or more."""
-
-
-TRANSFORMERS_VERSION = Version(transformers.__version__)
 
 LOGITS_TO_KEEP_ARGUMENT = next(
     (
@@ -41,153 +61,9 @@ scaling); its generated tokens are still checked against no-cache greedy decodin
 ACCEPTS_LEGACY_CACHE = Version("4.47.99") > TRANSFORMERS_VERSION
 """Up to 4.47, Phi-3 takes legacy caches (tuples of per-layer `(key, value)` tuples) and returns them as tuples."""
 
-CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Phi3ForCausalLM.forward).parameters else "past_key_values"
-"""The keyword a forward pass takes its cache under: `cache` from 5.24 (`past_key_values` is then a deprecated alias,
-still accepted until 5.40), `past_key_values` before."""
 
 SUPPORTS_STATIC_CACHE_GENERATION = getattr(Phi3ForCausalLM, "_supports_static_cache", True)
 """`generate(cache_implementation="static")` and a caller's `StaticCache` in `generate()` exist for Phi-3 from 4.48."""
-
-
-DYNAMIC_NTK_FACTOR = 2.0
-"""`factor` of the tiny dynamic NTK models, whose frequencies change past `max_position_embeddings`."""
-
-
-def _rope_config(
-    rope_type: str, switch_point: int, head_dim: int, type_key: str = "type", longrope_factors=None
-) -> dict:
-    """
-    RoPE settings as each release spells them: `rope_parameters` on 5.x, `rope_scaling` before (Phi-3's 4.x config
-    wants the key `type`, other models accept `rope_type`). `longrope_factors` is `(short, long)`, by default factors
-    far apart, so that a stale cache is obvious.
-    """
-    scaling = {}
-    if rope_type == "longrope":
-        short_factor, long_factor = longrope_factors or (
-            [1.0 + 0.25 * i for i in range(head_dim // 2)],
-            [4.0 + 2.0 * i for i in range(head_dim // 2)],
-        )
-        scaling = {"short_factor": list(short_factor), "long_factor": list(long_factor)}
-    elif rope_type == "dynamic":
-        scaling = {"factor": DYNAMIC_NTK_FACTOR}
-    if TRANSFORMERS_VERSION.major >= 5:
-        rope_parameters = {"rope_type": rope_type, "rope_theta": 10000.0, **scaling}
-        if rope_type == "longrope":
-            rope_parameters["original_max_position_embeddings"] = switch_point
-        return {"rope_parameters": rope_parameters}
-    rope_scaling = {type_key: rope_type, **scaling} if rope_type != "default" else None
-    return {"rope_scaling": rope_scaling, "rope_theta": 10000.0}
-
-
-def longrope_factor_profile(head_dim: int) -> tuple[list[float], list[float]]:
-    """
-    `(short_factor, long_factor)` shaped like those of the long-context Phi-3 checkpoints: close to 1 for the
-    fast-rotating dimensions, rising for the slow ones to about 2.5 (short) and 64 (long). Written here, not read from a
-    checkpoint: the real-size tests and the benchmark use it with random weights.
-    """
-    steps = [i / (head_dim // 2 - 1) for i in range(head_dim // 2)]
-    return [1.0 + 1.5 * t**4 for t in steps], [1.0 + 63.0 * t**3 for t in steps]
-
-
-TINY_DECODER = {
-    "vocab_size": 97,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    # Large random weights make a stale cache obvious (max |Δlogit| > 1 rather than ~1e-2)
-    "initializer_range": 0.2,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-"""The sizes and special tokens shared by the tiny models (head dimension 8)."""
-
-
-def tiny_phi3_config(
-    rope_type: str = "longrope", switch_point: int = SWITCH_POINT, longrope_factors=None, **overrides
-) -> Phi3Config:
-    """
-    A two-layer Phi-3 config whose longrope factors switch after `switch_point` tokens. `overrides` may change the
-    sizes too (the factors follow the head dimension); `longrope_factors` is `(short, long)` (see `_rope_config`).
-    """
-    sizes = {**TINY_DECODER, **overrides}
-    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
-    config = {
-        **TINY_DECODER,
-        "max_position_embeddings": 4 * switch_point,
-        # On 5.x the switch point must also be given at the top level, or it silently stays 4096
-        "original_max_position_embeddings": switch_point,
-        **_rope_config(rope_type, switch_point, head_dim, longrope_factors=longrope_factors),
-        **overrides,
-    }
-    return Phi3Config(**config)
-
-
-def tiny_phi3_model(
-    rope_type: str = "longrope", seed: int = 0, attn_implementation: str = "eager", **overrides
-) -> Phi3ForCausalLM:
-    """A randomly initialised tiny Phi-3 causal LM in eval mode (fp32, eager attention unless asked otherwise)."""
-    torch.manual_seed(seed)
-    config = tiny_phi3_config(rope_type, attn_implementation=attn_implementation, **overrides)
-    return Phi3ForCausalLM(config).eval()
-
-
-def tiny_llama_config(rope_type: str = "longrope", switch_point: int = SWITCH_POINT, **overrides) -> LlamaConfig:
-    """
-    A two-layer Llama config with a sequence-dependent RoPE. `longrope`: short factors up to `switch_point` tokens,
-    long ones beyond. `dynamic`: NTK scaling past `max_position_embeddings = switch_point`.
-    """
-    head_dim = 8
-    config = {
-        **TINY_DECODER,
-        "max_position_embeddings": switch_point if rope_type == "dynamic" else 4 * switch_point,
-        **_rope_config(rope_type, switch_point, head_dim, type_key="rope_type"),
-        **overrides,
-    }
-    if rope_type == "longrope":
-        config["original_max_position_embeddings"] = switch_point
-        if Version("4.45") > TRANSFORMERS_VERSION:
-            # 4.44's validation of longrope parameters fails without an explicit `attention_factor`
-            config["rope_scaling"]["attention_factor"] = 1.0
-    return LlamaConfig(**config)
-
-
-def tiny_llama_model(
-    rope_type: str = "longrope", seed: int = 0, attn_implementation: str = "eager", **overrides
-) -> LlamaForCausalLM:
-    """A randomly initialised tiny Llama causal LM in eval mode (fp32, eager attention unless asked otherwise)."""
-    torch.manual_seed(seed)
-    config = tiny_llama_config(rope_type, attn_implementation=attn_implementation, **overrides)
-    return LlamaForCausalLM(config).eval()
-
-
-def reset_dynamic_rope(model) -> None:
-    """
-    Puts every dynamic NTK rotary embedding of `model` back in its initial state. Upstream's dynamic update remembers
-    the longest sequence it has seen (until a sequence shorter than `max_position_embeddings` comes), so a forward
-    pass depends on the ones before it; the no-cache reference is a forward pass of a fresh model.
-    """
-    for module in model.modules():
-        if "dynamic" in str(getattr(module, "rope_type", "")) and hasattr(module, "original_inv_freq"):
-            module.register_buffer("inv_freq", module.original_inv_freq.clone(), persistent=False)
-            module.max_seq_len_cached = module.original_max_seq_len
-
-
-def new_cache(kind: str, config, max_cache_len: int = 3 * SWITCH_POINT, device="cpu", dtype=torch.float32):
-    """
-    An empty `"dynamic"` or `"static"` cache for a model with `config`, built as the installed release wants it
-    (releases that allocate a static cache up front take its `device` and `dtype`; later ones follow the first keys).
-    """
-    if kind == "dynamic":
-        accepts_config = "config" in inspect.signature(DynamicCache.__init__).parameters
-        return DynamicCache(config=config) if accepts_config else DynamicCache()
-    parameters = inspect.signature(StaticCache.__init__).parameters
-    if "max_batch_size" in parameters:
-        device = {"device": device} if "device" in parameters else {}
-        return StaticCache(config=config, max_batch_size=1, max_cache_len=max_cache_len, dtype=dtype, **device)
-    return StaticCache(config=config, max_cache_len=max_cache_len)
 
 
 def cached_keys_and_values(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,90 +71,6 @@ def cached_keys_and_values(cache, layer_idx: int) -> tuple[torch.Tensor, torch.T
     if hasattr(cache, "layers"):
         return cache.layers[layer_idx].keys, cache.layers[layer_idx].values
     return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
-
-
-def random_tokens(length: int, batch_size: int = 1, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
-    """Random token ids that avoid the special tokens 0-2 (pad, bos, eos)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (batch_size, length), generator=generator)
-
-
-@torch.no_grad()
-def no_cache_logits(model, input_ids, attention_mask=None) -> torch.Tensor:
-    """Logits of the last token from a forward pass without cache over `input_ids`: the reference."""
-    reset_dynamic_rope(model)
-    position_ids = None
-    if attention_mask is not None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    outputs = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return outputs.logits[:, -1]
-
-
-@torch.no_grad()
-def hand_written_loop_errors(
-    model, input_ids, prompt_length: int, past_key_values=None, chunk_size: int = 1, cache_keyword=CACHE_KEYWORD
-):
-    """
-    Feeds `input_ids[:, :prompt_length]` and then the rest, `chunk_size` tokens at a time, through a cache as a
-    hand-written loop does (`model(new_tokens, cache=cache)`, or `past_key_values=cache` before 5.24; another
-    `cache_keyword` tests a deprecated alias), and returns for each new token the max |Δlogit| against the no-cache
-    reference, and the cache at the end.
-    """
-    outputs = model(input_ids[:, :prompt_length], **{cache_keyword: past_key_values}, use_cache=True)
-    cache = outputs.past_key_values
-    errors = []
-    for start in range(prompt_length, input_ids.shape[1], chunk_size):
-        chunk = input_ids[:, start : start + chunk_size]
-        outputs = model(chunk, **{cache_keyword: cache}, use_cache=True)
-        assert outputs.logits.shape[1] == chunk.shape[1], "the logits must cover the caller's tokens only"
-        if isinstance(cache, tuple):
-            # A legacy cache (4.44-4.46, created by the model) is not updated in place: a new tuple comes back
-            cache = outputs.past_key_values
-        assert outputs.past_key_values is cache, "the caller's cache object must be kept"
-        for offset in range(chunk.shape[1]):
-            reference = no_cache_logits(model, input_ids[:, : start + offset + 1])
-            errors.append((outputs.logits[:, offset] - reference).abs().max().item())
-    return errors, cache
-
-
-def left_padded_batch(padding: int, pad_token_id: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Two rows of `SWITCH_POINT - 2` token slots; the second is left-padded by `padding` (it is shorter)."""
-    prompt = random_tokens(SWITCH_POINT - 2, batch_size=2)
-    attention_mask = torch.ones_like(prompt)
-    attention_mask[1, :padding] = 0
-    prompt[1, :padding] = pad_token_id
-    return prompt, attention_mask
-
-
-@torch.no_grad()
-def left_padded_generate_row_errors(model, padding: int = 6, max_new_tokens: int = 12, **generate_kwargs):
-    """
-    Greedy `generate()` on `left_padded_batch(padding)`; returns, for each row and step, the max |Δlogit| against
-    that row alone without cache (see `row_alone_errors`).
-    """
-    prompt, attention_mask = left_padded_batch(padding)
-    outputs = model.generate(
-        prompt,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_logits=True,
-        **generate_kwargs,
-    )
-    return row_alone_errors(model, outputs.sequences, outputs.logits, attention_mask, prompt.shape[1])
-
-
-def row_alone_errors(model, sequences, step_logits, attention_mask, prompt_length: int) -> list[float]:
-    """Max |Δlogit| of each row at each step against that row alone (no padding) without cache."""
-    errors = []
-    for row in range(sequences.shape[0]):
-        padding = int((attention_mask[row] == 0).sum())
-        for step, logits in enumerate(step_logits):
-            row_alone = sequences[row : row + 1, padding : prompt_length + step]
-            errors.append((logits[row] - no_cache_logits(model, row_alone)[0]).abs().max().item())
-    return errors
 
 
 @torch.no_grad()
@@ -289,33 +81,6 @@ def cached_decoding_logits(model, input_ids, prompt_length: int) -> list[torch.T
     for position in range(prompt_length, input_ids.shape[1]):
         logits.append(model(input_ids[:, position : position + 1], past_key_values=cache).logits)
     return logits
-
-
-@torch.no_grad()
-def generate_errors(model, input_ids, attention_mask=None, **generate_kwargs):
-    """
-    Runs `generate()` and returns the generated sequences and, for every generated token, the max |Δlogit| between
-    the logits `generate()` saw and the no-cache reference over the same tokens.
-    """
-    outputs = model.generate(
-        input_ids,
-        attention_mask=attention_mask,
-        return_dict_in_generate=True,
-        output_logits=True,
-        pad_token_id=model.config.pad_token_id,
-        **generate_kwargs,
-    )
-    prompt_length = input_ids.shape[1]
-    errors = []
-    for step, step_logits in enumerate(outputs.logits):
-        length = prompt_length + step
-        mask = attention_mask
-        if attention_mask is not None:
-            extra = torch.ones(attention_mask.shape[0], step, dtype=attention_mask.dtype)
-            mask = torch.cat([attention_mask, extra], dim=-1)
-        reference = no_cache_logits(model, outputs.sequences[:, :length], attention_mask=mask)
-        errors.append((step_logits - reference).abs().max().item())
-    return outputs.sequences, errors
 
 
 @torch.no_grad()

@@ -23,54 +23,20 @@ from transformers.testing_utils import require_torch
 
 from ...cache_consistency_utils import (
     SWITCH_POINT,
-    TINY_DECODER,
+    TINY_IMAGE_SIZE,
     LongRopeDecodingTesterMixin,
-    _rope_config,
     generate_errors,
     left_padded_generate_row_errors,
     new_cache,
     random_tokens,
+    tiny_phi4_multimodal_model,
 )
 
 
 try:
-    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+    from transformers import Phi4MultimodalForCausalLM
 except ImportError:  # before 4.51
-    Phi4MultimodalConfig = Phi4MultimodalForCausalLM = None
-
-TINY_IMAGE_SIZE = 28
-
-
-def tiny_phi4_multimodal_model(seed: int = 0):
-    """A two-layer Phi-4-multimodal with one-layer image and audio encoders; longrope switches after `SWITCH_POINT`."""
-    head_dim = TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"]
-    config = Phi4MultimodalConfig(
-        **TINY_DECODER,
-        **_rope_config("longrope", SWITCH_POINT, head_dim),
-        max_position_embeddings=4 * SWITCH_POINT,
-        original_max_position_embeddings=SWITCH_POINT,
-        vision_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": TINY_IMAGE_SIZE,
-            "patch_size": 14,
-            "crop_size": TINY_IMAGE_SIZE,
-        },
-        audio_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_blocks": 1,
-            "num_attention_heads": 2,
-            "ext_pw_out_channel": 16,
-            "depthwise_separable_out_channel": 16,
-            "nemo_conv_channels": 16,
-        },
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return Phi4MultimodalForCausalLM(config).eval()
+    Phi4MultimodalForCausalLM = None
 
 
 def image_inputs() -> dict:

@@ -23,6 +23,8 @@ import patches
 from transformers.testing_utils import require_torch
 
 from ...cache_consistency_utils import (
+    LONG_MSCALE,
+    SHORT_MSCALE,
     SWITCH_POINT,
     TINY_DECODER,
     TRANSFORMERS_VERSION,
@@ -30,40 +32,8 @@ from ...cache_consistency_utils import (
     generate_errors,
     left_padded_batch,
     left_padded_generate_row_errors,
+    tiny_phimoe_model,
 )
-
-
-SHORT_MSCALE, LONG_MSCALE = 1.0, 1.25
-
-
-def tiny_phimoe_model(seed: int = 0):
-    """A two-layer, two-expert PhiMoE whose longrope factors and scale switch after `SWITCH_POINT` tokens."""
-    from transformers import PhimoeConfig, PhimoeForCausalLM
-
-    head_dim = TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"]
-    rope_settings = {
-        "rope_type": "longrope",
-        "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
-        "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
-        "short_mscale": SHORT_MSCALE,
-        "long_mscale": LONG_MSCALE,
-        "original_max_position_embeddings": SWITCH_POINT,
-    }
-    if TRANSFORMERS_VERSION.major >= 5:
-        rope_arguments = {"rope_parameters": {**rope_settings, "rope_theta": 10000.0}}
-    else:
-        rope_arguments = {"rope_scaling": rope_settings, "rope_theta": 10000.0}
-    config = PhimoeConfig(
-        **TINY_DECODER,
-        num_local_experts=2,
-        num_experts_per_tok=2,
-        max_position_embeddings=4 * SWITCH_POINT,
-        original_max_position_embeddings=SWITCH_POINT,
-        **rope_arguments,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return PhimoeForCausalLM(config).eval()
 
 
 ROTARY_TAKES_POSITIONS = TRANSFORMERS_VERSION.major >= 5

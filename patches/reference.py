@@ -1,0 +1,127 @@
+"""
+The reference every cached decoding path is measured against: a forward pass without cache over the same tokens (for
+a batch, each row alone). Used by the self-check (`python -m patches check`), the demo and the tests.
+"""
+
+import inspect
+
+import torch
+
+from transformers import Phi3ForCausalLM
+
+from .tiny_models import SWITCH_POINT, random_tokens, reset_dynamic_rope
+
+
+FP32_TOLERANCE = 1e-4
+"""Max |Δlogit| accepted against the no-cache reference in fp32. Cached and uncached forward passes of the tiny models
+differ by ~1e-7 (matrix products of different shapes round differently); a stale cache differs by ~1e-2 or more."""
+
+
+CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Phi3ForCausalLM.forward).parameters else "past_key_values"
+"""The keyword a forward pass takes its cache under: `cache` from 5.24 (`past_key_values` is then a deprecated alias,
+still accepted until 5.40), `past_key_values` before."""
+
+
+@torch.no_grad()
+def no_cache_logits(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """Logits of the last token from a forward pass without cache over `input_ids`: the reference."""
+    reset_dynamic_rope(model)
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    outputs = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return outputs.logits[:, -1]
+
+
+@torch.no_grad()
+def hand_written_loop_errors(
+    model, input_ids, prompt_length: int, past_key_values=None, chunk_size: int = 1, cache_keyword=CACHE_KEYWORD
+):
+    """
+    Feeds `input_ids[:, :prompt_length]` and then the rest, `chunk_size` tokens at a time, through a cache as a
+    hand-written loop does (`model(new_tokens, cache=cache)`, or `past_key_values=cache` before 5.24; another
+    `cache_keyword` tests a deprecated alias), and returns for each new token the max |Δlogit| against the no-cache
+    reference, and the cache at the end.
+    """
+    outputs = model(input_ids[:, :prompt_length], **{cache_keyword: past_key_values}, use_cache=True)
+    cache = outputs.past_key_values
+    errors = []
+    for start in range(prompt_length, input_ids.shape[1], chunk_size):
+        chunk = input_ids[:, start : start + chunk_size]
+        outputs = model(chunk, **{cache_keyword: cache}, use_cache=True)
+        assert outputs.logits.shape[1] == chunk.shape[1], "the logits must cover the caller's tokens only"
+        if isinstance(cache, tuple):
+            # A legacy cache (4.44-4.46, created by the model) is not updated in place: a new tuple comes back
+            cache = outputs.past_key_values
+        assert outputs.past_key_values is cache, "the caller's cache object must be kept"
+        for offset in range(chunk.shape[1]):
+            reference = no_cache_logits(model, input_ids[:, : start + offset + 1])
+            errors.append((outputs.logits[:, offset] - reference).abs().max().item())
+    return errors, cache
+
+
+def left_padded_batch(padding: int, pad_token_id: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Two rows of `SWITCH_POINT - 2` token slots; the second is left-padded by `padding` (it is shorter)."""
+    prompt = random_tokens(SWITCH_POINT - 2, batch_size=2)
+    attention_mask = torch.ones_like(prompt)
+    attention_mask[1, :padding] = 0
+    prompt[1, :padding] = pad_token_id
+    return prompt, attention_mask
+
+
+@torch.no_grad()
+def left_padded_generate_row_errors(model, padding: int = 6, max_new_tokens: int = 12, **generate_kwargs):
+    """
+    Greedy `generate()` on `left_padded_batch(padding)`; returns, for each row and step, the max |Δlogit| against
+    that row alone without cache (see `row_alone_errors`).
+    """
+    prompt, attention_mask = left_padded_batch(padding)
+    outputs = model.generate(
+        prompt,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **generate_kwargs,
+    )
+    return row_alone_errors(model, outputs.sequences, outputs.logits, attention_mask, prompt.shape[1])
+
+
+def row_alone_errors(model, sequences, step_logits, attention_mask, prompt_length: int) -> list[float]:
+    """Max |Δlogit| of each row at each step against that row alone (no padding) without cache."""
+    errors = []
+    for row in range(sequences.shape[0]):
+        padding = int((attention_mask[row] == 0).sum())
+        for step, logits in enumerate(step_logits):
+            row_alone = sequences[row : row + 1, padding : prompt_length + step]
+            errors.append((logits[row] - no_cache_logits(model, row_alone)[0]).abs().max().item())
+    return errors
+
+
+@torch.no_grad()
+def generate_errors(model, input_ids, attention_mask=None, **generate_kwargs):
+    """
+    Runs `generate()` and returns the generated sequences and, for every generated token, the max |Δlogit| between
+    the logits `generate()` saw and the no-cache reference over the same tokens.
+    """
+    outputs = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=model.config.pad_token_id,
+        **generate_kwargs,
+    )
+    prompt_length = input_ids.shape[1]
+    errors = []
+    for step, step_logits in enumerate(outputs.logits):
+        length = prompt_length + step
+        mask = attention_mask
+        if attention_mask is not None:
+            extra = torch.ones(attention_mask.shape[0], step, dtype=attention_mask.dtype)
+            mask = torch.cat([attention_mask, extra], dim=-1)
+        reference = no_cache_logits(model, outputs.sequences[:, :length], attention_mask=mask)
+        errors.append((step_logits - reference).abs().max().item())
+    return outputs.sequences, errors

@@ -1,0 +1,265 @@
+"""
+Tiny random models of every family the patches cover, with a RoPE switch after `SWITCH_POINT` tokens, built as the
+installed transformers release wants them (config keys and cache constructors changed over the releases). The
+self-check (`python -m patches check`), the demo and the tests decode with them; nothing is downloaded.
+"""
+
+import importlib
+import inspect
+
+import torch
+from packaging.version import Version
+
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
+
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+SWITCH_POINT = 32
+"""`original_max_position_embeddings` of the tiny longrope models: sequences longer than this use the long factors."""
+
+
+DYNAMIC_NTK_FACTOR = 2.0
+"""`factor` of the tiny dynamic NTK models, whose frequencies change past `max_position_embeddings`."""
+
+
+def rope_config(
+    rope_type: str, switch_point: int, head_dim: int, type_key: str = "type", longrope_factors=None
+) -> dict:
+    """
+    RoPE settings as each release spells them: `rope_parameters` on 5.x, `rope_scaling` before (Phi-3's 4.x config
+    wants the key `type`, other models accept `rope_type`). `longrope_factors` is `(short, long)`, by default factors
+    far apart, so that a stale cache is obvious.
+    """
+    scaling = {}
+    if rope_type == "longrope":
+        short_factor, long_factor = longrope_factors or (
+            [1.0 + 0.25 * i for i in range(head_dim // 2)],
+            [4.0 + 2.0 * i for i in range(head_dim // 2)],
+        )
+        scaling = {"short_factor": list(short_factor), "long_factor": list(long_factor)}
+    elif rope_type == "dynamic":
+        scaling = {"factor": DYNAMIC_NTK_FACTOR}
+    if TRANSFORMERS_VERSION.major >= 5:
+        rope_parameters = {"rope_type": rope_type, "rope_theta": 10000.0, **scaling}
+        if rope_type == "longrope":
+            rope_parameters["original_max_position_embeddings"] = switch_point
+        return {"rope_parameters": rope_parameters}
+    rope_scaling = {type_key: rope_type, **scaling} if rope_type != "default" else None
+    return {"rope_scaling": rope_scaling, "rope_theta": 10000.0}
+
+
+def longrope_factor_profile(head_dim: int) -> tuple[list[float], list[float]]:
+    """
+    `(short_factor, long_factor)` shaped like those of the long-context Phi-3 checkpoints: close to 1 for the
+    fast-rotating dimensions, rising for the slow ones to about 2.5 (short) and 64 (long). Written here, not read from a
+    checkpoint: the real-size tests and the benchmark use it with random weights.
+    """
+    steps = [i / (head_dim // 2 - 1) for i in range(head_dim // 2)]
+    return [1.0 + 1.5 * t**4 for t in steps], [1.0 + 63.0 * t**3 for t in steps]
+
+
+TINY_DECODER = {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    # Large random weights make a stale cache obvious (max |Δlogit| > 1 rather than ~1e-2)
+    "initializer_range": 0.2,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+"""The sizes and special tokens shared by the tiny models (head dimension 8)."""
+
+
+def tiny_phi3_config(
+    rope_type: str = "longrope", switch_point: int = SWITCH_POINT, longrope_factors=None, **overrides
+) -> Phi3Config:
+    """
+    A two-layer Phi-3 config whose longrope factors switch after `switch_point` tokens. `overrides` may change the
+    sizes too (the factors follow the head dimension); `longrope_factors` is `(short, long)` (see `rope_config`).
+    """
+    sizes = {**TINY_DECODER, **overrides}
+    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
+    config = {
+        **TINY_DECODER,
+        "max_position_embeddings": 4 * switch_point,
+        # On 5.x the switch point must also be given at the top level, or it silently stays 4096
+        "original_max_position_embeddings": switch_point,
+        **rope_config(rope_type, switch_point, head_dim, longrope_factors=longrope_factors),
+        **overrides,
+    }
+    return Phi3Config(**config)
+
+
+def tiny_phi3_model(
+    rope_type: str = "longrope", seed: int = 0, attn_implementation: str = "eager", **overrides
+) -> Phi3ForCausalLM:
+    """A randomly initialised tiny Phi-3 causal LM in eval mode (fp32, eager attention unless asked otherwise)."""
+    torch.manual_seed(seed)
+    config = tiny_phi3_config(rope_type, attn_implementation=attn_implementation, **overrides)
+    return Phi3ForCausalLM(config).eval()
+
+
+def tiny_llama_config(rope_type: str = "longrope", switch_point: int = SWITCH_POINT, **overrides) -> LlamaConfig:
+    """
+    A two-layer Llama config with a sequence-dependent RoPE. `longrope`: short factors up to `switch_point` tokens,
+    long ones beyond. `dynamic`: NTK scaling past `max_position_embeddings = switch_point`.
+    """
+    head_dim = 8
+    config = {
+        **TINY_DECODER,
+        "max_position_embeddings": switch_point if rope_type == "dynamic" else 4 * switch_point,
+        **rope_config(rope_type, switch_point, head_dim, type_key="rope_type"),
+        **overrides,
+    }
+    if rope_type == "longrope":
+        config["original_max_position_embeddings"] = switch_point
+        if Version("4.45") > TRANSFORMERS_VERSION:
+            # 4.44's validation of longrope parameters fails without an explicit `attention_factor`
+            config["rope_scaling"]["attention_factor"] = 1.0
+    return LlamaConfig(**config)
+
+
+def tiny_llama_model(
+    rope_type: str = "longrope", seed: int = 0, attn_implementation: str = "eager", **overrides
+) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama causal LM in eval mode (fp32, eager attention unless asked otherwise)."""
+    torch.manual_seed(seed)
+    config = tiny_llama_config(rope_type, attn_implementation=attn_implementation, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
+def reset_dynamic_rope(model) -> None:
+    """
+    Puts every dynamic NTK rotary embedding of `model` back in its initial state. Upstream's dynamic update remembers
+    the longest sequence it has seen (until a sequence shorter than `max_position_embeddings` comes), so a forward
+    pass depends on the ones before it; the no-cache reference is a forward pass of a fresh model.
+    """
+    for module in model.modules():
+        if "dynamic" in str(getattr(module, "rope_type", "")) and hasattr(module, "original_inv_freq"):
+            module.register_buffer("inv_freq", module.original_inv_freq.clone(), persistent=False)
+            module.max_seq_len_cached = module.original_max_seq_len
+
+
+def new_cache(kind: str, config, max_cache_len: int = 3 * SWITCH_POINT, device="cpu", dtype=torch.float32):
+    """
+    An empty `"dynamic"` or `"static"` cache for a model with `config`, built as the installed release wants it
+    (releases that allocate a static cache up front take its `device` and `dtype`; later ones follow the first keys).
+    """
+    if kind == "dynamic":
+        accepts_config = "config" in inspect.signature(DynamicCache.__init__).parameters
+        return DynamicCache(config=config) if accepts_config else DynamicCache()
+    parameters = inspect.signature(StaticCache.__init__).parameters
+    if "max_batch_size" in parameters:
+        device = {"device": device} if "device" in parameters else {}
+        return StaticCache(config=config, max_batch_size=1, max_cache_len=max_cache_len, dtype=dtype, **device)
+    return StaticCache(config=config, max_cache_len=max_cache_len)
+
+
+def random_tokens(length: int, batch_size: int = 1, vocab_size: int = 97, seed: int = 0) -> torch.LongTensor:
+    """Random token ids that avoid the special tokens 0-2 (pad, bos, eos)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch_size, length), generator=generator)
+
+
+STANDARD_FAMILY_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+"""Families whose config and causal LM take the sizes and RoPE settings of `tiny_llama_config` as they are."""
+
+
+def tiny_standard_model(family: str, rope_type: str = "longrope", seed: int = 0, attn_implementation: str = "eager"):
+    """A tiny Llama, Mistral or Qwen2 causal LM (`STANDARD_FAMILY_CLASSES`) with Llama's tiny settings."""
+    prefix = STANDARD_FAMILY_CLASSES[family]
+    config_class = getattr(transformers, f"{prefix}Config")
+    causal_lm_class = getattr(transformers, f"{prefix}ForCausalLM")
+    settings = tiny_llama_config(rope_type, attn_implementation=attn_implementation).to_dict()
+    config = config_class(
+        **{name: value for name, value in settings.items() if name not in ("model_type", "architectures")}
+    )
+    torch.manual_seed(seed)
+    return causal_lm_class(config).eval()
+
+
+SHORT_MSCALE, LONG_MSCALE = 1.0, 1.25
+"""PhiMoE's longrope attention scales, short and long, as its checkpoints have them (apart, so a mix-up shows)."""
+
+
+def tiny_phimoe_model(seed: int = 0):
+    """A two-layer, two-expert PhiMoE whose longrope factors and scale switch after `SWITCH_POINT` tokens (4.46+)."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    head_dim = TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"]
+    rope_settings = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
+        "long_factor": [4.0 + 2.0 * i for i in range(head_dim // 2)],
+        "short_mscale": SHORT_MSCALE,
+        "long_mscale": LONG_MSCALE,
+        "original_max_position_embeddings": SWITCH_POINT,
+    }
+    if TRANSFORMERS_VERSION.major >= 5:
+        rope_arguments = {"rope_parameters": {**rope_settings, "rope_theta": 10000.0}}
+    else:
+        rope_arguments = {"rope_scaling": rope_settings, "rope_theta": 10000.0}
+    config = PhimoeConfig(
+        **TINY_DECODER,
+        num_local_experts=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=4 * SWITCH_POINT,
+        original_max_position_embeddings=SWITCH_POINT,
+        **rope_arguments,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return PhimoeForCausalLM(config).eval()
+
+
+TINY_IMAGE_SIZE = 28
+
+
+def tiny_phi4_multimodal_model(seed: int = 0):
+    """A two-layer Phi-4-multimodal with one-layer image and audio encoders; longrope switches after `SWITCH_POINT`
+    (4.51+)."""
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    head_dim = TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"]
+    config = Phi4MultimodalConfig(
+        **TINY_DECODER,
+        **rope_config("longrope", SWITCH_POINT, head_dim),
+        max_position_embeddings=4 * SWITCH_POINT,
+        original_max_position_embeddings=SWITCH_POINT,
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": TINY_IMAGE_SIZE,
+            "patch_size": 14,
+            "crop_size": TINY_IMAGE_SIZE,
+        },
+        audio_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_blocks": 1,
+            "num_attention_heads": 2,
+            "ext_pw_out_channel": 16,
+            "depthwise_separable_out_channel": 16,
+            "nemo_conv_channels": 16,
+        },
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return Phi4MultimodalForCausalLM(config).eval()
+
+
+def family_is_installed(family: str) -> bool:
+    """Whether the installed transformers release has the model family (PhiMoE from 4.46, Phi-4-multimodal 4.51)."""
+    try:
+        importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except ImportError:
+        return False
+    return True
