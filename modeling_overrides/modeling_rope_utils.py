@@ -120,7 +120,10 @@ def longrope_frequency_update(self, position_ids, device, layer_type=None):
 def dynamic_frequency_update(self, position_ids, device, layer_type=None):
     """
     dynamic RoPE layers should recompute `inv_freq` in the following situations:
-    1 - growing beyond the cached sequence length (allow scaling)
+    1 - the sequence is longer than the original maximum, and of another length than `inv_freq` was scaled for (allow
+        scaling). The frequencies are those of the current length, as a fresh model computes them, not of the longest
+        sequence seen so far: after assisted decoding rejects candidate tokens, or a cache is cropped, they are scaled
+        for the tokens actually in the sequence, and a forward pass depends on its inputs alone.
     2 - the current sequence length is in the original scale (avoid losing precision with small sequences)
     """
     prefix = "" if layer_type is None else f"{layer_type}_"
@@ -129,7 +132,7 @@ def dynamic_frequency_update(self, position_ids, device, layer_type=None):
     original_inv_freq = getattr(self, f"{prefix}original_inv_freq")
     sequence_length = torch.max(position_ids) + 1
 
-    if sequence_length > max_seq_len_cached:  # growth
+    if sequence_length > self.original_max_seq_len and sequence_length != max_seq_len_cached:  # scaled for this length
         rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
         init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
         # Before 4.48 a rotary embedding may be built from arguments instead of a config; it keeps them here

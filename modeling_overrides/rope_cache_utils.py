@@ -861,8 +861,10 @@ def split_inputs_at_rope_switch(
     both sides of a RoPE switch (a verification chunk in assisted decoding, a chunk of a hand-written loop). Decoding
     token by token, each of those tokens would be processed with the frequencies of the sequence ending at it; one
     forward pass over the whole chunk would give them all the frequencies of the longest. The chunk is therefore run
-    as two forward passes through the same cache: the tokens before the switch, then the others (which recompute the
-    cache, by the policy). Only the logits the caller keeps count: a prefill that returns the last logits is one pass.
+    as consecutive forward passes through the same cache, one per regime among the kept tokens: for longrope the
+    tokens before the switch, then the others (which recompute the cache, by the policy); for dynamic NTK past
+    `max_position_embeddings`, one per token. Only the logits the caller keeps count: a prefill that returns the last
+    logits is one pass.
 
     Args:
         config: the model's config.
@@ -872,8 +874,8 @@ def split_inputs_at_rope_switch(
         frequencies_per_row (`bool`, *optional*, defaults to `True`): as in `prepare_rope_cache_update`.
 
     Returns:
-        A list of one or two dicts of forward-pass keyword arguments whose logits, concatenated, are the logits the
-        caller asked for. Each part's `logits_to_keep` says how many of its logits are kept.
+        A list of dicts of forward-pass keyword arguments (one when nothing is split) whose logits, concatenated, are
+        the logits the caller asked for. Each part's `logits_to_keep` says how many of its logits are kept.
     """
     past_key_values = model_inputs.get(cache_argument_name(model_inputs))
     attention_mask = model_inputs.get("attention_mask")
@@ -907,9 +909,10 @@ def split_inputs_at_rope_switch(
         # Read once, at the switch: explicit positions may lag behind the index (left padding)
         sequence_lengths = (position_ids.reshape(-1, new_length).amax(dim=0) + 1).tolist()
     regimes = [rope_frequency_regime(config, length) for length in sequence_lengths]
-    split = next((index for index, regime in enumerate(regimes) if regime != regimes[0]), new_length)
-    kept_before_split = kept_length - (new_length - split)
-    if split in (0, new_length) or kept_before_split < 1:
+    first_kept = new_length - kept_length
+    # A pass rotates with the regime of its longest sequence: tokens whose logits are dropped go with the next part
+    boundaries = [index for index in range(first_kept + 1, new_length) if regimes[index] != regimes[index - 1]]
+    if not boundaries:
         return [model_inputs]
 
     def part(start: int, end: int, kept: int) -> dict:
@@ -925,7 +928,8 @@ def split_inputs_at_rope_switch(
             inputs[logits_to_keep_name] = kept
         return inputs
 
-    return [part(0, split, kept_before_split), part(split, new_length, new_length - split)]
+    starts, ends = [0, *boundaries], [*boundaries, new_length]
+    return [part(start, end, end - max(start, first_kept)) for start, end in zip(starts, ends)]
 
 
 def _concatenate_outputs(segment_outputs: list):

@@ -165,8 +165,10 @@ class LlamaDynamicNtkTest(unittest.TestCase):
             self.model(random_tokens(SWITCH_POINT + 8), use_cache=False)  # growth
             torch.testing.assert_close(rotary.inv_freq, expected_inv_freq(self.model, "dynamic", SWITCH_POINT + 8))
             self.assertEqual(int(rotary.max_seq_len_cached), SWITCH_POINT + 8)
-            self.model(random_tokens(SWITCH_POINT + 4), use_cache=False)  # shorter, still scaled: kept
-            torch.testing.assert_close(rotary.inv_freq, expected_inv_freq(self.model, "dynamic", SWITCH_POINT + 8))
+            # Shorter, still scaled: scaled for its own length, as a fresh model would (upstream keeps the longest)
+            self.model(random_tokens(SWITCH_POINT + 4), use_cache=False)
+            torch.testing.assert_close(rotary.inv_freq, expected_inv_freq(self.model, "dynamic", SWITCH_POINT + 4))
+            self.assertEqual(int(rotary.max_seq_len_cached), SWITCH_POINT + 4)
             self.model(random_tokens(SWITCH_POINT - 4), use_cache=False)  # back in the original range: reset
             torch.testing.assert_close(rotary.inv_freq, original)
             self.assertEqual(int(rotary.max_seq_len_cached), SWITCH_POINT)
