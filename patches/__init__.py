@@ -7,6 +7,7 @@ Binds the fixes in `modeling_overrides` to the installed transformers at run tim
     patches.apply(consistent=True)   # cached decoding bitwise equal to decoding without cache
     patches.status()
     patches.revert()
+    patches.check()                  # or: python -m patches check, after upgrading transformers
 
     with patches.applied(stale_cache="raise"):
         ...
@@ -28,6 +29,7 @@ from modeling_overrides.rope_cache_utils import (
 
 from . import versions
 from .binding import Binding, original_attribute
+from .hooks import rebind_all_hooked_forwards
 
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "UnsupportedTransformersVersionError",
     "apply",
     "applied",
+    "check",
     "revert",
     "status",
 ]
@@ -93,6 +96,8 @@ _lock = threading.RLock()
 _originals: dict[tuple[type, str], object] = {}
 _patched: dict[tuple[type, str], str] = {}
 _refused: dict[str, str] = {}
+# `(owner, attribute, old, new)` of the attributes changed since the last scan for modules hooked by accelerate
+_hook_changes: list[tuple[type, str, object, object]] = []
 _policy: dict[str, str] = normalize_stale_cache_policy(None)
 _applied = False
 _consistent = False
@@ -180,6 +185,7 @@ def apply(
         for binding in wanted:
             if binding.name not in refused:
                 _bind(binding)
+        _rebind_hooked_modules()
         set_stale_cache_policy(policy)
         _policy = policy
         _consistent = consistent
@@ -201,6 +207,7 @@ def revert() -> PatchStatus:
     with _lock:
         for key in list(_patched):
             _restore(key)
+        _rebind_hooked_modules()
         _refused.clear()
         _policy = normalize_stale_cache_policy(None)
         set_stale_cache_policy(_policy)
@@ -244,6 +251,37 @@ def applied(stale_cache: str | dict[str, str] | None = None, force: bool = False
                 revert()
 
 
+def check(force: bool = False, verbose: bool = True):
+    """
+    Decodes tiny random models of every covered family across the RoPE switch with the patches applied, on every
+    path (hand-written loops, `generate()` greedy, sampling, beam search, prompt lookup, left-padded batches), and
+    compares each step with the forward pass without cache over the same tokens. Run it after upgrading
+    transformers. The patches are back in their state before the call when it returns.
+
+    Args:
+        force (`bool`, defaults to `False`): check a release outside the tested range, or with refused functions
+            (see `apply`); without it, such a release is reported as failed with `apply`'s error.
+        verbose (`bool`, defaults to `True`): print a line per path as it finishes, then the table.
+
+    Returns:
+        A `CheckReport`: `passed`, and one result per family and path (`str()` gives the table).
+    """
+    from .selfcheck import CheckReport, PathResult, describe_setting, run_checks
+
+    _expect_bool("force", force)
+    setting = describe_setting()
+    if verbose:
+        print(setting, flush=True)
+    try:
+        results = run_checks(force=force, progress=(lambda line: print(line, flush=True)) if verbose else None)
+    except (UnsupportedTransformersVersionError, PatchRefusedError) as error:
+        results = [PathResult("patches.apply()", "every path", "FAILED", str(error))]
+    report = CheckReport(setting, results)
+    if verbose:
+        print(f"\n{report}")
+    return report
+
+
 def _expect_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be `True` or `False`, got {value!r}.")
@@ -276,15 +314,29 @@ def _bind(binding: Binding) -> None:
         return
     original = original_attribute(binding.owner, binding.attribute)
     _originals[key] = original
+    resolved = getattr(binding.owner, binding.attribute, None)
     setattr(binding.owner, binding.attribute, binding.replacement(original))
+    _hook_changes.append((binding.owner, binding.attribute, resolved, getattr(binding.owner, binding.attribute)))
     _patched[key] = binding.name
 
 
 def _restore(key: tuple[type, str]) -> None:
     owner, attribute = key
     original = _originals.pop(key)
+    replaced = getattr(owner, attribute, None)
     if original is None:
         delattr(owner, attribute)
     else:
         setattr(owner, attribute, original)
+    _hook_changes.append((owner, attribute, replaced, getattr(owner, attribute, None)))
     del _patched[key]
+
+
+def _rebind_hooked_modules() -> None:
+    """
+    Modules hooked by accelerate (`device_map`, offloading) keep the `forward` their class had when they were hooked,
+    bound in `_old_forward`: those of the changed classes are rebound to the class's `forward` as it is now, so that a
+    model dispatched before `apply` is protected and one dispatched while applied is reverted too.
+    """
+    rebind_all_hooked_forwards(_hook_changes)
+    _hook_changes.clear()

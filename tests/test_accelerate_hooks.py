@@ -8,7 +8,6 @@ import importlib.util
 import tempfile
 import unittest
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -140,18 +139,6 @@ class RebindHookedForwardsTest(unittest.TestCase):
         self.assertIs(module._old_forward.__func__, old_function)
 
 
-def _rebinding(function):
-    """`patches._bind` or `patches._restore`, followed by `rebind_hooked_forwards` for the attribute it changed."""
-
-    def wrapper(target, *args):
-        owner, attribute = (target.owner, target.attribute) if hasattr(target, "owner") else target
-        before = getattr(owner, attribute, None)
-        function(target, *args)
-        rebind_hooked_forwards(owner, attribute, before, getattr(owner, attribute, None))
-
-    return wrapper
-
-
 @unittest.skipUnless(ACCELERATE_AVAILABLE, "accelerate is not installed: no `device_map` dispatch to test")
 class AccelerateHooksTest(unittest.TestCase):
     """A tiny longrope Phi-3 offloaded to disk by `from_pretrained(device_map={"": "disk"})`: every module hooked."""
@@ -167,12 +154,6 @@ class AccelerateHooksTest(unittest.TestCase):
     def setUp(self):
         patches.revert()
         self.addCleanup(patches.revert)
-        if not {"rebind_hooked_forwards", "rebind_all_hooked_forwards"} & set(vars(patches)):
-            # Until `patches/__init__.py` calls it itself: the same calls, around its `_bind` and `_restore`
-            for name in ("_bind", "_restore"):
-                patcher = mock.patch.object(patches, name, _rebinding(getattr(patches, name)))
-                patcher.start()
-                self.addCleanup(patcher.stop)
         # The `forward` each module class of the model resolves to upstream
         self.upstream = {owner: owner.forward for owner in self.module_classes}
 
