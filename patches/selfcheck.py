@@ -1,0 +1,226 @@
+"""
+The self-check, `python -m patches check` (or `patches.check()`): on the installed transformers, decodes tiny random
+models of every covered family across the RoPE switch with the patches applied, and compares each step with the
+forward pass without cache over the same tokens (for a left-padded batch, each row alone). A path the patches do not
+reach, after an upgrade of transformers say, shows up as FAILED.
+"""
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from packaging.version import Version
+
+from .reference import (
+    CACHE_KEYWORD,
+    FP32_TOLERANCE,
+    generate_errors,
+    hand_written_loop_errors,
+    left_padded_generate_row_errors,
+)
+from .tiny_models import (
+    SWITCH_POINT,
+    TRANSFORMERS_VERSION,
+    family_is_installed,
+    new_cache,
+    random_tokens,
+    reset_dynamic_rope,
+    tiny_phi3_model,
+    tiny_phi4_multimodal_model,
+    tiny_phimoe_model,
+    tiny_standard_model,
+)
+
+
+@dataclass(frozen=True)
+class CheckedFamily:
+    """A tiny model to decode, and the stale-cache policy it is checked under (`None`: the defaults)."""
+
+    name: str
+    installed: bool
+    build: Callable[[], torch.nn.Module]
+    stale_cache: dict[str, str] | None = None
+    rows_are_rotated_alone: bool = True
+
+
+def checked_families() -> list[CheckedFamily]:
+    """Every family the patches cover, with longrope; Llama also with dynamic NTK, checked under `"recompute"`."""
+    families = [CheckedFamily("Phi-3 longrope", True, tiny_phi3_model)]
+    families.append(
+        CheckedFamily(
+            "PhiMoE longrope",
+            family_is_installed("phimoe"),
+            tiny_phimoe_model,
+            # Before 5.0 its rotary embedding chooses one factor set for the whole batch, as upstream's does
+            rows_are_rotated_alone=TRANSFORMERS_VERSION.major >= 5,
+        )
+    )
+    families.append(
+        CheckedFamily("Phi-4-multimodal longrope", family_is_installed("phi4_multimodal"), tiny_phi4_multimodal_model)
+    )
+    for family, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2")):
+        families.append(CheckedFamily(f"{name} longrope", True, lambda family=family: tiny_standard_model(family)))
+    families.append(
+        CheckedFamily(
+            "Llama dynamic NTK",
+            True,
+            lambda: tiny_standard_model("llama", "dynamic"),
+            {"dynamic": "recompute"},
+            # Dynamic NTK scales the whole batch by its longest row, as upstream's does
+            rows_are_rotated_alone=False,
+        )
+    )
+    return families
+
+
+@dataclass(frozen=True)
+class PathResult:
+    family: str
+    path: str
+    status: str  # "ok", "FAILED" or "skipped"
+    detail: str
+
+
+def _loop(cache_kind: str | None, chunk_size: int = 1, cache_keyword: str = CACHE_KEYWORD):
+    def measure(model):
+        cache = new_cache(cache_kind, model.config) if cache_kind is not None else None
+        tokens = random_tokens(SWITCH_POINT + 6)
+        return hand_written_loop_errors(model, tokens, SWITCH_POINT - 4, cache, chunk_size, cache_keyword)[0]
+
+    return measure
+
+
+def _generate(**generate_kwargs):
+    def measure(model):
+        torch.manual_seed(0)
+        prompt = random_tokens(SWITCH_POINT - 3)
+        return generate_errors(model, prompt, max_new_tokens=6, **generate_kwargs)[1]
+
+    return measure
+
+
+def _prompt_lookup(model):
+    half = random_tokens(SWITCH_POINT // 2 - 2)
+    prompt = torch.cat([half, half], dim=-1)
+    return generate_errors(model, prompt, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=4)[1]
+
+
+def _beam_search(model) -> list[float]:
+    # Beams are compared by their tokens: 0 when they are the beams of decoding without cache, inf otherwise
+    prompt = random_tokens(SWITCH_POINT - 3)
+    settings = {"max_new_tokens": 6, "num_beams": 2, "do_sample": False, "pad_token_id": 0}
+    same = torch.equal(model.generate(prompt, **settings), model.generate(prompt, use_cache=False, **settings))
+    return [0.0 if same else float("inf")]
+
+
+def checked_paths(family: CheckedFamily) -> dict[str, Callable | str]:
+    """Each decoding path across the switch: a measurement returning max |Δlogit| per step, or why it is skipped."""
+    paths = {
+        "loop, DynamicCache": _loop("dynamic"),
+        "loop, StaticCache": _loop("static"),
+        "loop, 3-token chunks": _loop("dynamic", chunk_size=3),
+        "loop, cache made by the model": _loop(None),
+        "generate() greedy": _generate(do_sample=False),
+        "generate() sampling": _generate(do_sample=True, top_k=0),
+        "generate() beam search": _beam_search,
+        "generate() prompt lookup": _prompt_lookup,
+        "generate() left-padded batch": lambda model: left_padded_generate_row_errors(model, max_new_tokens=8),
+    }
+    if CACHE_KEYWORD == "cache":
+        paths["loop, deprecated past_key_values="] = _loop("dynamic", cache_keyword="past_key_values")
+    if not family.rows_are_rotated_alone:
+        paths["generate() left-padded batch"] = "this release rotates the batch with one factor set, as upstream"
+    if Version("4.45") > TRANSFORMERS_VERSION:
+        paths["generate() prompt lookup"] = "4.44 reports speculative logits that do not line up with the tokens"
+    return paths
+
+
+def _measure(model, measure) -> tuple[str, str]:
+    """`(status, detail)` of one measurement against the tolerance."""
+    reset_dynamic_rope(model)
+    try:
+        errors = measure(model)
+    except Exception as error:  # a path that breaks is a failure to report, not a crash of the check
+        return "FAILED", f"{type(error).__name__}: {error}"[:200]
+    worst = max(errors)
+    return ("ok" if worst <= FP32_TOLERANCE else "FAILED"), f"max |Δlogit| {worst:.1e}"
+
+
+def run_checks(force: bool = False, progress: Callable[[str], None] | None = print) -> list[PathResult]:
+    """
+    Applies the patches (restoring the state before on return) and checks every family and path. `progress` gets
+    one line per path as it finishes. Raises what `patches.apply` raises for an untested release or a refused
+    function, unless `force=True`.
+    """
+    from . import applied
+
+    results = []
+    families = checked_families()
+    for family in families:
+        if not family.installed:
+            results.append(PathResult(family.name, "every path", "skipped", "not in this transformers release"))
+            continue
+        with applied(stale_cache=family.stale_cache, force=force), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = family.build()
+        model.generation_config.pad_token_id = 0
+        for path, measure in checked_paths(family).items():
+            started = time.monotonic()
+            if isinstance(measure, str):
+                result = PathResult(family.name, path, "skipped", measure)
+            else:
+                with applied(stale_cache=family.stale_cache, force=force), warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")
+                    result = PathResult(family.name, path, *_measure(model, measure))
+            results.append(result)
+            if progress is not None:
+                elapsed = time.monotonic() - started
+                progress(
+                    f"[{len(results):>3}] {family.name} · {path}: {result.status} ({result.detail}, {elapsed:.2f} s)"
+                )
+    return results
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What `patches.check()` found: one result per family and path; `passed` when none failed."""
+
+    setting: str
+    results: list[PathResult]
+
+    @property
+    def passed(self) -> bool:
+        return any(result.status == "ok" for result in self.results) and all(
+            result.status != "FAILED" for result in self.results
+        )
+
+    def __str__(self) -> str:
+        failed = sum(result.status == "FAILED" for result in self.results)
+        verdict = "PASSED" if self.passed else f"FAILED ({failed} of {len(self.results)} paths)"
+        return f"{self.setting}\n\n{format_table(self.results)}\n\n{verdict}"
+
+
+def format_table(results: list[PathResult]) -> str:
+    """The results as a Markdown table, one row per family and path."""
+    family_width = max(len(result.family) for result in results)
+    path_width = max(len(result.path) for result in results)
+    lines = [
+        f"| {'model':<{family_width}} | {'path':<{path_width}} | result | detail |",
+        f"|{'-' * (family_width + 2)}|{'-' * (path_width + 2)}|--------|--------|",
+    ]
+    lines += [
+        f"| {result.family:<{family_width}} | {result.path:<{path_width}} | {result.status:<6} | {result.detail} |"
+        for result in results
+    ]
+    return "\n".join(lines)
+
+
+def describe_setting() -> str:
+    import transformers
+
+    return (
+        f"transformers {transformers.__version__}, torch {torch.__version__}, tiny random fp32 models, RoPE switch "
+        f"after {SWITCH_POINT} tokens, tolerance {FP32_TOLERANCE:.0e} against the forward pass without cache"
+    )
