@@ -573,10 +573,22 @@ def _reset_cache(cache) -> None:
     """Empties `cache` in place, keeping the object."""
     if hasattr(cache, "reset"):
         cache.reset()
-    # Dynamic caches before 4.56 have no `reset`, and those of 4.56-4.57 zero their tensors on `reset` rather than
-    # dropping them: cropping them to nothing empties them
-    if isinstance(cache, DynamicCache) and cache.get_seq_length() > 0:
-        cache.crop(0)
+    if not isinstance(cache, DynamicCache):
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        # Dynamic caches before 4.56 have no `reset`: cropping them to nothing empties them
+        if cache.get_seq_length() > 0:
+            cache.crop(0)
+        return
+    # Those of 4.56-4.57 zero their tensors on `reset` rather than dropping them, and their sliding-window layers (a
+    # Mistral config) zero their length counter too, so that they read as empty and refuse to crop: each layer's
+    # tensors are cut to no tokens
+    for layer in layers:
+        if getattr(layer, "is_initialized", False) and layer.keys.shape[-2] > 0:
+            layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = 0
 
 
 def _sequence_inputs(model_inputs: dict) -> torch.Tensor:

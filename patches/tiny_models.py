@@ -105,10 +105,13 @@ def tiny_phi3_model(
     return Phi3ForCausalLM(config).eval()
 
 
-def tiny_llama_config(rope_type: str = "longrope", switch_point: int = SWITCH_POINT, **overrides) -> LlamaConfig:
+def tiny_llama_config(
+    rope_type: str = "longrope", switch_point: int = SWITCH_POINT, config_class=LlamaConfig, **overrides
+) -> LlamaConfig:
     """
-    A two-layer Llama config with a sequence-dependent RoPE. `longrope`: short factors up to `switch_point` tokens,
-    long ones beyond. `dynamic`: NTK scaling past `max_position_embeddings = switch_point`.
+    A two-layer Llama config (or one of `config_class`, a family of `STANDARD_FAMILY_CLASSES`) with a
+    sequence-dependent RoPE. `longrope`: short factors up to `switch_point` tokens, long ones beyond. `dynamic`: NTK
+    scaling past `max_position_embeddings = switch_point`.
     """
     head_dim = 8
     config = {
@@ -122,7 +125,7 @@ def tiny_llama_config(rope_type: str = "longrope", switch_point: int = SWITCH_PO
         if Version("4.45") > TRANSFORMERS_VERSION:
             # 4.44's validation of longrope parameters fails without an explicit `attention_factor`
             config["rope_scaling"]["attention_factor"] = 1.0
-    return LlamaConfig(**config)
+    return config_class(**config)
 
 
 def tiny_llama_model(
@@ -176,9 +179,10 @@ def tiny_standard_model(family: str, rope_type: str = "longrope", seed: int = 0,
     prefix = STANDARD_FAMILY_CLASSES[family]
     config_class = getattr(transformers, f"{prefix}Config")
     causal_lm_class = getattr(transformers, f"{prefix}ForCausalLM")
-    settings = tiny_llama_config(rope_type, attn_implementation=attn_implementation).to_dict()
-    config = config_class(
-        **{name: value for name, value in settings.items() if name not in ("model_type", "architectures")}
+    # Mistral's config defaults `head_dim` to None, which some releases' longrope init multiplies
+    head_dim = TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"]
+    config = tiny_llama_config(
+        rope_type, config_class=config_class, attn_implementation=attn_implementation, head_dim=head_dim
     )
     torch.manual_seed(seed)
     return causal_lm_class(config).eval()
