@@ -27,6 +27,7 @@ from pathlib import Path
 from packaging.version import Version
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
+from patches import versions
 from upstream_pr.description import describe
 from upstream_pr.diff import build_pristine_tree, planned_texts, unified_diff
 from upstream_pr.plan import (
@@ -35,6 +36,7 @@ from upstream_pr.plan import (
     UnrecognisedTreeError,
     _unquoted_annotations,
     drops_cache_at_switch,
+    is_supported_tree,
     make_plan,
     member_source,
 )
@@ -52,7 +54,7 @@ from upstream_pr.verify import verify
 from .cache_consistency_utils import TRANSFORMERS_VERSION
 
 
-MADE_FOR_INSTALLED_RELEASE = TRANSFORMERS_VERSION in SUPPORTED_RELEASES
+MADE_FOR_INSTALLED_RELEASE = is_supported_tree(TRANSFORMERS_VERSION)
 
 
 class PullRequestDiffTest(unittest.TestCase):
@@ -75,6 +77,20 @@ class PullRequestDiffTest(unittest.TestCase):
             UnrecognisedTreeError, r"transformers 4\.43\.4; the pull-request diff is made for"
         ):
             make_plan(older)
+
+    def test_the_releases_it_is_made_for_are_the_patches_tested_range_and_main(self):
+        newest = Version(versions.NEWEST_TESTED_VERSION)
+        next_minor = f"{newest.major}.{newest.minor + 1}"
+        for release, made_for in (
+            (versions.TESTED_VERSIONS[0], True),
+            (versions.NEWEST_TESTED_VERSION, True),
+            (f"{newest.major}.{newest.minor}.9", True),
+            (f"{next_minor}.0.dev0", True),  # a checkout of upstream's main
+            (f"{next_minor}.0", False),
+            ("4.43.4", False),
+        ):
+            with self.subTest(release=release):
+                self.assertEqual(is_supported_tree(Version(release)), made_for)
 
     @unittest.skipIf(MADE_FOR_INSTALLED_RELEASE, "the installed release is one the diff is made for (tested below)")
     def test_refuses_the_installed_release(self):

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
+from patches import versions
 
 from .source_edits import (
     AddDecorator,
@@ -38,8 +38,9 @@ from .source_edits import (
 
 
 OVERRIDES = Path(modeling_rope_utils.__file__).parent
-SUPPORTED_RELEASES = SpecifierSet(">=4.44,<6")
-"""Releases whose trees the diff is made for, those the run-time patches support. From 4.51 the rotary embeddings'
+SUPPORTED_RELEASES = versions.supported_specifier()
+"""Releases whose trees the diff is made for, those the run-time patches support (`patches/requirements.txt`); a
+checkout of upstream's main, a development version of the next minor, is accepted too (see `is_supported_tree`). From 4.51 the rotary embeddings'
 frequencies are updated by the `dynamic_rope_update` decorator, which the diff replaces; before, by
 `_dynamic_frequency_update` methods of their own (and Phi-3's `_longrope_frequency_update` from 4.48), which the diff
 moves to that decorator, as 4.51 did. Before 4.48 Phi-3 rotates with a per-layer `Phi3LongRoPEScaledRotaryEmbedding`,
@@ -117,6 +118,14 @@ def _describe_edit(edit) -> str:
     if isinstance(edit, AddMethod):
         return f"`{edit.class_name}.{edit.method_name}`: checked generic version"
     return f"`{edit.class_name}.{edit.method_name}`: replaced"
+
+
+def is_supported_tree(release: Version) -> bool:
+    """A release of `SUPPORTED_RELEASES`, or a development version of the minor after the newest tested one (main)."""
+    if Version(release.base_version) in SUPPORTED_RELEASES:
+        return True
+    newest = Version(versions.NEWEST_TESTED_VERSION)
+    return release.is_prerelease and release.release[:2] == (newest.major, newest.minor + 1)
 
 
 def read_release(tree: Path) -> Version:
@@ -544,10 +553,11 @@ def make_plan(tree: Path) -> list[FilePlan]:
             code does not have the shape the edits are made for.
     """
     release = read_release(tree)
-    if release not in SUPPORTED_RELEASES:
+    if not is_supported_tree(release):
         raise UnrecognisedTreeError(
-            f"{tree} holds transformers {release}; the pull-request diff is made for transformers{SUPPORTED_RELEASES} "
-            "(tested: 4.44.2, 4.46.3, 4.50.3, 4.57.6 and 5.23.0)."
+            f"{tree} holds transformers {release}; the pull-request diff is made for transformers"
+            f"{versions.supported_range()} and the development version of the next minor (tested: "
+            f"{', '.join(versions.TESTED_VERSIONS)})."
         )
     models_dir = tree / "src" / "transformers" / "models"
     references = {role: _reference_forwards(models_dir, role) for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD)}
