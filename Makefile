@@ -59,8 +59,10 @@ test: install
 	$(PY) -m pytest tests -q
 
 # The suite on every supported transformers era, each in its own environment under .matrix/ (torch shared).
+# MATRIX_RELEASES="4.44.2 5.23.0" runs some of them only.
+MATRIX_RELEASES ?=
 test-matrix: install
-	$(PY) scripts/test_matrix.py --torch-version $(TORCH_VERSION)
+	$(PY) scripts/test_matrix.py --torch-version $(TORCH_VERSION) $(if $(MATRIX_RELEASES),--releases $(MATRIX_RELEASES))
 
 # Real sizes, GPUs and local checkpoints (tests marked @slow).
 test-slow: install
