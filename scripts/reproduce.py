@@ -13,7 +13,7 @@ import warnings
 import torch
 
 import patches
-from patches.reference import FP32_TOLERANCE, generate_errors, hand_written_loop_errors
+from patches.reference import CACHE_KEYWORD, FP32_TOLERANCE, generate_errors, hand_written_loop_errors
 from patches.tiny_models import SWITCH_POINT, random_tokens, tiny_phi3_model
 from transformers import StaticCache
 from transformers.utils import logging
@@ -50,9 +50,8 @@ def measure_paths(model, assistant) -> dict[str, str]:
 
     def static_generate():
         cache = StaticCache(config=model.config, max_cache_len=2 * SWITCH_POINT)
-        outputs = model.generate(
-            prompt, past_key_values=cache, max_new_tokens=12, do_sample=False, return_dict_in_generate=True
-        )
+        settings = {CACHE_KEYWORD: cache, "max_new_tokens": 12, "do_sample": False, "return_dict_in_generate": True}
+        outputs = model.generate(prompt, **settings)
         kept = "kept" if outputs.past_key_values is cache else f"replaced by {type(outputs.past_key_values).__name__}"
         return (
             f"{errors_of(model, prompt, max_new_tokens=12, do_sample=False, cache_implementation='static')} ({kept})"
