@@ -116,9 +116,17 @@ def normalize_stale_cache_policy(policy: str | dict[str, str] | None) -> dict[st
     return dict(DEFAULT_STALE_CACHE_POLICIES, **policy)
 
 
-def set_stale_cache_policy(policy: str | dict[str, str]) -> None:
-    """Sets the process-wide stale-cache policy (see `normalize_stale_cache_policy` for the accepted values)."""
+def set_stale_cache_policy(policy: str | dict[str, str] | None) -> None:
+    """
+    Sets the process-wide stale-cache policy (see `normalize_stale_cache_policy` for the accepted values; `None`: the
+    defaults). RoPE types left out keep the policy they had.
+    """
     _stale_cache_policies.update(normalize_stale_cache_policy(policy))
+
+
+def get_stale_cache_policies() -> dict[str, str]:
+    """Returns the stale-cache policy in force for each tracked RoPE type (a copy)."""
+    return dict(_stale_cache_policies)
 
 
 def get_stale_cache_policy(rope_type: str) -> str:

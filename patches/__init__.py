@@ -23,6 +23,7 @@ from modeling_overrides.rope_cache_utils import (
     STALE_CACHE_POLICIES,
     StaleRopeCacheError,
     StaleRopeCacheWarning,
+    get_stale_cache_policies,
     normalize_stale_cache_policy,
     set_stale_cache_policy,
 )
@@ -98,7 +99,6 @@ _patched: dict[tuple[type, str], str] = {}
 _refused: dict[str, str] = {}
 # `(owner, attribute, old, new)` of the attributes changed since the last scan for modules hooked by accelerate
 _hook_changes: list[tuple[type, str, object, object]] = []
-_policy: dict[str, str] = normalize_stale_cache_policy(None)
 _applied = False
 _consistent = False
 
@@ -145,7 +145,7 @@ def apply(
         `ConsistentDecodingUnavailableError`: for `consistent=True` on a release before 4.48, whose models do not
             share attention functions. Nothing is changed.
     """
-    global _applied, _policy, _consistent
+    global _applied, _consistent
     _expect_bool("force", force)
     _expect_bool("consistent", consistent)
     policy = normalize_stale_cache_policy(stale_cache)
@@ -187,7 +187,6 @@ def apply(
                 _bind(binding)
         _rebind_hooked_modules()
         set_stale_cache_policy(policy)
-        _policy = policy
         _consistent = consistent
         _applied = True
         current = status()
@@ -203,14 +202,13 @@ def apply(
 
 def revert() -> PatchStatus:
     """Puts back the original transformers functions (the very same objects) and the default policy."""
-    global _applied, _policy, _consistent
+    global _applied, _consistent
     with _lock:
         for key in list(_patched):
             _restore(key)
         _rebind_hooked_modules()
         _refused.clear()
-        _policy = normalize_stale_cache_policy(None)
-        set_stale_cache_policy(_policy)
+        set_stale_cache_policy(None)
         _consistent = False
         _applied = False
         return status()
@@ -225,7 +223,8 @@ def status() -> PatchStatus:
             supported_range=versions.supported_range(),
             version_supported=versions.is_supported(version),
             applied=_applied,
-            stale_cache=dict(_policy),
+            # Read from where the decorators read it: one store, whoever set it
+            stale_cache=get_stale_cache_policies(),
             consistent=_consistent,
             patched=sorted(_patched.values()),
             refused=dict(_refused),
@@ -239,7 +238,7 @@ def applied(stale_cache: str | dict[str, str] | None = None, force: bool = False
     applied with the previous policy and consistency).
     """
     with _lock:
-        was_applied, previous_policy, was_consistent = _applied, dict(_policy), _consistent
+        was_applied, previous_policy, was_consistent = _applied, get_stale_cache_policies(), _consistent
         apply(stale_cache=stale_cache, force=force, consistent=consistent)
     try:
         yield status()

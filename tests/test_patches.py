@@ -111,6 +111,15 @@ class PatchesApiTest(unittest.TestCase):
         for key in CACHE_ATTRIBUTES:
             self.assertIs(snapshot()[key], self.originals[key], key)
 
+    def test_status_reports_the_policy_in_force_whoever_set_it(self):
+        from modeling_overrides.rope_cache_utils import set_stale_cache_policy
+
+        patches.apply()
+        set_stale_cache_policy({"longrope": "raise"})
+        self.assertEqual(patches.status().stale_cache, {"longrope": "raise", "dynamic": "warn"})
+        patches.revert()
+        self.assertEqual(patches.status().stale_cache, patches.DEFAULT_STALE_CACHE_POLICIES)
+
     def test_applied_context_restores_the_previous_state(self):
         with patches.applied(stale_cache="raise") as status:
             self.assertEqual(status.stale_cache, {"longrope": "raise", "dynamic": "raise"})

@@ -70,10 +70,5 @@ def unified_diff(texts: dict[str, tuple[str | None, str]]) -> str:
     return "".join(chunks)
 
 
-def make_diff(tree: Path) -> str:
-    """The pull-request diff against the transformers source tree `tree`."""
-    return unified_diff(planned_texts(tree))
-
-
 def changed_paths(texts: dict[str, tuple[str | None, str]]) -> list[str]:
     return [path for path, (before, after) in texts.items() if before != after]

@@ -9,9 +9,6 @@ import textwrap
 from dataclasses import dataclass
 
 
-INDENT = "    "
-
-
 def function_source(function) -> str:
     """The source of `function` (a function or a method), dedented to column 0, decorators included."""
     return textwrap.dedent(inspect.getsource(function))
