@@ -1,5 +1,6 @@
 """Replacing attributes of installed transformers classes, and putting the originals back."""
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,23 @@ class Binding:
 def original_attribute(owner: type, attribute: str):
     """The attribute exactly as the class holds it (no descriptor binding), or `None` if it only inherits it."""
     return owner.__dict__.get(attribute)
+
+
+@functools.cache
+def _cached_source(function) -> str:
+    return inspect.getsource(function)
+
+
+def source(function) -> str:
+    """
+    The source of `function` once its decorators are unwrapped, read once per function object (`apply()` checks the
+    same upstream functions each time it is called). Raises `OSError` or `TypeError` where it cannot be read.
+    """
+    function = inspect.unwrap(function)
+    try:
+        return _cached_source(function)
+    except TypeError:  # not hashable: read it each time
+        return inspect.getsource(function)
 
 
 def parameter_names(function) -> list[str]:
@@ -59,13 +77,13 @@ def expect_source(*fragments: str, absent: tuple[str, ...] = ()) -> Callable[[ob
         if original is None:
             return "the class does not define it"
         try:
-            source = inspect.getsource(inspect.unwrap(original))
+            text = source(original)
         except (OSError, TypeError):
             return "its source code cannot be read, so it cannot be checked"
-        missing = [fragment for fragment in fragments if fragment not in source]
+        missing = [fragment for fragment in fragments if fragment not in text]
         if missing:
             return f"its code changed: it no longer contains {missing}"
-        present = [fragment for fragment in absent if fragment in source]
+        present = [fragment for fragment in absent if fragment in text]
         if present:
             return f"its code changed: it now contains {present}"
         return None

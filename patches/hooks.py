@@ -11,6 +11,8 @@ that `_old_forward` attribute, so accelerate itself is never imported.
 
 import gc
 import types
+from itertools import compress, repeat
+from operator import is_
 
 import torch
 
@@ -48,9 +50,11 @@ def rebind_all_hooked_forwards(changes) -> list[str]:
     if not owners:
         return []
     rebound = []
-    # The bound methods of the old functions are among the objects that refer to them: one scan in C
-    for method in gc.get_referrers(*(old_function for old_function, _ in owners.values())):
-        if not isinstance(method, types.MethodType) or not isinstance(method.__self__, torch.nn.Module):
+    # The bound methods among the live objects, picked out in C, in one pass (tens of milliseconds, however many
+    # functions changed: `gc.get_referrers` would compare every reference it scans with each old function)
+    live = gc.get_objects()
+    for method in compress(live, map(is_, map(type, live), repeat(types.MethodType))):
+        if id(method.__func__) not in owners or not isinstance(method.__self__, torch.nn.Module):
             continue
         module = method.__self__
         old_function, changed_owners = owners.get(id(method.__func__), (None, ()))

@@ -28,6 +28,7 @@ from .tiny_models import (
     new_cache,
     random_tokens,
     reset_dynamic_rope,
+    tiny_model,
     tiny_phi3_model,
     tiny_phi4_multimodal_model,
     tiny_phimoe_model,
@@ -47,7 +48,10 @@ class CheckedFamily:
 
 
 def checked_families() -> list[CheckedFamily]:
-    """Every family the patches cover, with longrope; Llama also with dynamic NTK, checked under `"recompute"`."""
+    """
+    The families the patches cover, with longrope (Phi-3, PhiMoE, Phi-4-multimodal, and some of the models with the
+    standard rotary embedding); Llama and Olmo2 with dynamic NTK, checked under `"recompute"`.
+    """
     families = [CheckedFamily("Phi-3 longrope", True, tiny_phi3_model)]
     families.append(
         CheckedFamily(
@@ -73,7 +77,34 @@ def checked_families() -> list[CheckedFamily]:
             rows_are_rotated_alone=False,
         )
     )
+    # A few more of `STANDARD_ROPE_MODELS` (tests/models/test_standard_rope_models.py decodes every one): latent
+    # attention, a plain decoder, experts, and (since Olmo's 4.x configs refuse longrope) dynamic NTK
+    for module_name, name in (("minicpm3", "MiniCPM3"), ("qwen3", "Qwen3"), ("mixtral", "Mixtral")):
+        families.append(
+            CheckedFamily(
+                f"{name} longrope",
+                _is_covered(module_name),
+                lambda module_name=module_name: tiny_model(module_name, "longrope"),
+            )
+        )
+    families.append(
+        CheckedFamily(
+            "Olmo2 dynamic NTK",
+            _is_covered("olmo2"),
+            lambda: tiny_model("olmo2", "dynamic"),
+            {"dynamic": "recompute"},
+            rows_are_rotated_alone=False,
+        )
+    )
     return families
+
+
+def _is_covered(module_name: str) -> bool:
+    """Whether the patches cover the model of `STANDARD_ROPE_MODELS` on the installed release."""
+    from .targets import covered_standard_rope_model
+
+    module, _ = covered_standard_rope_model(module_name)
+    return module is not None
 
 
 @dataclass(frozen=True)
@@ -165,15 +196,13 @@ def _unpatched():
             apply(stale_cache=before.stale_cache, force=True, consistent=before.consistent)
 
 
-def _patched_result(family: CheckedFamily, model, measure, force: bool) -> tuple[str, str]:
+def _patched_result(model, measure) -> tuple[str, str]:
     """
-    `(status, detail)` of a path with the patches applied. A path that raises is failed, unless upstream raises on it
-    too: then the release does not have that path (Qwen2's eager attention takes no static cache in 4.44, say).
+    `(status, detail)` of a path, with the patches applied (by the caller). A path that raises is failed, unless
+    upstream raises on it too: then the release does not have that path (Qwen2's eager attention takes no static cache
+    in 4.44, say).
     """
-    from . import applied
-
-    with applied(stale_cache=family.stale_cache, force=force):
-        status, detail = _measure(model, measure)
+    status, detail = _measure(model, measure)
     if status != "error":
         return status, detail
     with _unpatched():
@@ -209,22 +238,25 @@ def _check_families(force: bool, progress: Callable[[str], None] | None) -> list
         if not family.installed:
             results.append(PathResult(family.name, "every path", "skipped", "not in this transformers release"))
             continue
-        with applied(stale_cache=family.stale_cache, force=force), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = family.build()
-        model.generation_config.pad_token_id = 0
-        for path, measure in checked_paths(family).items():
-            started = time.monotonic()
-            if isinstance(measure, str):
-                result = PathResult(family.name, path, "skipped", measure)
-            else:
-                result = PathResult(family.name, path, *_patched_result(family, model, measure, force))
-            results.append(result)
-            if progress is not None:
-                elapsed = time.monotonic() - started
-                progress(
-                    f"[{len(results):>3}] {family.name} · {path}: {result.status} ({result.detail}, {elapsed:.2f} s)"
-                )
+        # Applied once for the family's paths (`apply` and `revert` each scan the live objects for accelerate's hooks)
+        with applied(stale_cache=family.stale_cache, force=force):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = family.build()
+            model.generation_config.pad_token_id = 0
+            for path, measure in checked_paths(family).items():
+                started = time.monotonic()
+                if isinstance(measure, str):
+                    result = PathResult(family.name, path, "skipped", measure)
+                else:
+                    result = PathResult(family.name, path, *_patched_result(model, measure))
+                results.append(result)
+                if progress is not None:
+                    elapsed = time.monotonic() - started
+                    progress(
+                        f"[{len(results):>3}] {family.name} · {path}: {result.status} ({result.detail}, "
+                        f"{elapsed:.2f} s)"
+                    )
     return results
 
 

@@ -34,7 +34,15 @@ from modeling_overrides.rope_cache_utils import (
     split_at_rope_switch,
 )
 
-from .binding import Binding, all_checks, expect_parameters, expect_source, original_attribute, parameter_names
+from .binding import (
+    Binding,
+    all_checks,
+    expect_parameters,
+    expect_source,
+    original_attribute,
+    parameter_names,
+    source,
+)
 
 
 DECODER_FORWARD_LEADING_PARAMETERS = [
@@ -75,7 +83,7 @@ UpstreamAttribute = Callable[[type, str], object]
 
 def _source(function) -> str:
     try:
-        return inspect.getsource(inspect.unwrap(function))
+        return source(function)
     except (OSError, TypeError):
         return ""
 
@@ -272,14 +280,143 @@ def phi3_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upstre
 
 
 STANDARD_ROPE_MODELS = {
+    "apertus": "Apertus",
+    "apertus1p5": "Apertus1p5Text",
+    "arcee": "Arcee",
+    "aria": "AriaText",
+    "axk1": "AXK1",
+    "axk2": "AXK2",
+    "bailing_hybrid": "BailingHybrid",
+    "bitnet": "BitNet",
+    "cohere": "Cohere",
+    "cohere2": "Cohere2",
+    "cohere2_moe": "Cohere2Moe",
+    "cwm": "Cwm",
+    "dbrx": "Dbrx",
+    "deepseek_v2": "DeepseekV2",
+    "deepseek_v3": "DeepseekV3",
+    "deepseek_v32": "DeepseekV32",
+    "diffllama": "DiffLlama",
+    "doge": "Doge",
+    "dots1": "Dots1",
+    "ernie4_5": "Ernie4_5",
+    "ernie4_5_moe": "Ernie4_5_Moe",
+    "exaone4": "Exaone4",
+    "exaone_moe": "ExaoneMoe",
+    "flex_olmo": "FlexOlmo",
+    "flint": "Flint",
+    "gemma": "Gemma",
+    "gemma2": "Gemma2",
+    "glm": "Glm",
+    "glm4": "Glm4",
+    "glm4_moe": "Glm4Moe",
+    "glm4_moe_lite": "Glm4MoeLite",
+    "glm_moe_dsa": "GlmMoeDsa",
+    "gpt_oss": "GptOss",
+    "granite": "Granite",
+    "granite_swa": "GraniteSWA",
+    "helium": "Helium",
+    "hunyuan_v1_dense": "HunYuanDenseV1",
+    "hunyuan_v1_moe": "HunYuanMoEV1",
+    "hy_v3": "HYV3",
+    "hy_v4": "HYV4",
+    "hyperclovax": "HyperCLOVAX",
+    "jais2": "Jais2",
+    "jetmoe": "JetMoe",
+    "kolibri1": "Kolibri1",
+    "lara_mini": "LaraMini",
+    "lfm2": "Lfm2",
+    "lfm2_moe": "Lfm2Moe",
     "llama": "Llama",
+    "longcat_flash": "LongcatFlash",
+    "minicpm3": "MiniCPM3",
+    "minimax_m2": "MiniMaxM2",
+    "ministral": "Ministral",
+    "ministral3": "Ministral3",
     "mistral": "Mistral",
-    "qwen2": "Qwen2",
+    "mistral4": "Mistral4",
+    "mixtral": "Mixtral",
+    "moshi": "Moshi",
+    "nanochat": "NanoChat",
+    "nemotron": "Nemotron",
+    "olmo": "Olmo",
+    "olmo2": "Olmo2",
+    "olmo_hybrid": "OlmoHybrid",
+    "olmoe": "Olmoe",
+    "persimmon": "Persimmon",
+    "phi": "Phi",
     "phi4_multimodal": "Phi4Multimodal",
+    "qwen2": "Qwen2",
+    "qwen2_moe": "Qwen2Moe",
+    "qwen3": "Qwen3",
+    "qwen3_moe": "Qwen3Moe",
+    "qwen3_next": "Qwen3Next",
+    "seed_oss": "SeedOss",
+    "smollm3": "SmolLM3",
+    "solar_open": "SolarOpen",
+    "stablelm": "StableLm",
+    "starcoder2": "Starcoder2",
+    "vaultgemma": "VaultGemma",
+    "youtu": "Youtu",
 }
-"""Models whose rotary embedding is the standard one (`XxxRotaryEmbedding(config)`, any `rope_type`): a config may
-give them longrope or dynamic NTK, and upstream keeps their caches for neither (Phi-4-multimodal, from 4.51, is
-longrope and drops the cache at the switch in `generate()` only, as Phi-3 does)."""
+"""
+The models with the standard rotary embedding (`XxxRotaryEmbedding(config)`, any `rope_type`, rotating with
+`inv_freq`, `forward(self, x, position_ids)`), by modeling module and class prefix (`XxxRotaryEmbedding`, `XxxModel`,
+`XxxForCausalLM`). A config may give any of them longrope or dynamic NTK (MiniCPM3's checkpoints use longrope), and
+upstream keeps their caches for neither (Phi-4-multimodal, from 4.51, is longrope and drops the cache at the switch in
+`generate()` only, as Phi-3 does). Each one's bindings pass on every tested release that has it
+(`patches/versions.py`), and `tests/models/test_standard_rope_models.py` decodes a tiny one of each across the switch.
+A release leaves a model out (`covered_standard_rope_model`) when it does not have it, when its rotary embedding
+takes no RoPE type from the config (Mistral and Qwen2 before 4.45), when the model has a cache class of its own
+(LFM2 and Qwen3-Next before 5.0: the recompute empties transformers' caches in place, not their convolution and
+recurrent states), or before the release of `COVERED_FROM`. Phi-3 and PhiMoE have rotary embeddings of their own
+(`phi3_bindings`, `phimoe_bindings`).
+"""
+
+COVERED_FROM = {
+    "cohere2": (
+        "4.57",
+        "on 4.50 its causal LM has its own `prepare_inputs_for_generation` (for a `HybridCache`), which the bindings "
+        "refuse",
+    ),
+    "gemma2": (
+        "4.57",
+        "on 4.50 its causal LM has its own `prepare_inputs_for_generation` (for a `HybridCache`), which the bindings "
+        "refuse",
+    ),
+    "moshi": (
+        "5.0",
+        "before 5.0 its cached decoding differs from decoding without cache whatever the RoPE (max |Δlogit| 1.6e-2 "
+        "with the default one on 4.57), so that nothing can check the patches on it",
+    ),
+}
+"""Models of `STANDARD_ROPE_MODELS` covered only from a release on, and why not before: each fails on the newest tested
+release before it (4.50 or 4.57) and passes on every tested one from it."""
+
+LEFT_OUT_MODELS = {
+    "bamba": "refused on 5.23 and 5.24: its causal LM's own `prepare_inputs_for_generation` (Mamba states) is not "
+    "the one the generation check wraps",
+    "deepseek_v4": "its rotary `forward` takes a layer type (RoPE parameters per kind of layer)",
+    "emu3": "its decoder is `Emu3TextModel`, under `Emu3ForCausalLM`, and `Emu3Model` is the multimodal model, whose "
+    "`forward` takes other parameters",
+    "falcon_h1": "refused on 5.23 and 5.24: its causal LM's own `prepare_inputs_for_generation` (Mamba states) is "
+    "not the one the generation check wraps",
+    "granitemoe": "refused on 5.23 and 5.24: its causal LM's `forward` has no `use_cache` parameter",
+    "granitemoehybrid": "refused on 5.23 and 5.24: its causal LM's `forward` has no `use_cache` parameter",
+    "granitemoeshared": "refused on 5.23 and 5.24: its causal LM's `forward` has no `use_cache` parameter",
+    "minimax": "its cache (`MiniMaxCache`) keeps the lightning-attention states in `linear_cache`, which the "
+    "recompute's in-place reset does not empty: recomputed decoding stays wrong (max |Δlogit| 0.5 on a tiny model)",
+    "minimax_m3_vl": "its decoder `MiniMaxM3VLModel` is the multimodal model, whose `forward` takes other parameters",
+    "modernbert_decoder": "on 5.23 and 5.24 its rotary `forward` takes a layer type (RoPE parameters per kind of "
+    "layer)",
+    "olmo3": "on 5.23 and 5.24 its rotary `forward` takes a layer type (RoPE parameters per kind of layer)",
+    "voxtral_realtime": "its decoder is `VoxtralRealtimeTextModel`, under a `VoxtralRealtimeForConditionalGeneration`",
+    "zamba2": "refused on 5.23 and 5.24: its causal LM's own `prepare_inputs_for_generation` (Mamba states) is not "
+    "the one the generation check wraps",
+}
+"""Models with a standard-looking rotary embedding that `STANDARD_ROPE_MODELS` leaves out, and why: the bindings
+would be refused on some tested release (and `apply()` refuses as a whole), or the model does not have the shape they
+are written for, or the recompute is wrong for it. Upstream keeps their caches stale across a switch."""
 
 
 def _standard_rotary_binding(rotary_embedding: type) -> Binding:
@@ -302,23 +439,78 @@ def _standard_rotary_binding(rotary_embedding: type) -> Binding:
     )
 
 
+def standard_rope_model_exclusion(
+    module_name: str, release: str, rotary_init_source: str, own_caches: list[str]
+) -> str | None:
+    """
+    Why the patches leave `module_name`, a model of `STANDARD_ROPE_MODELS`, out on transformers `release`, or `None`
+    when they cover it: its rotary embedding takes no RoPE type from the config (`rotary_init_source`, the source of
+    its `__init__`: Mistral and Qwen2 before 4.45 have no `rope_type`, Nemotron before 5.0 one always `"default"`), it
+    has cache classes of its own (`own_caches`), or `release` is older than the one `COVERED_FROM` gives. The
+    run-time patches and the pull request (`upstream_pr/plan.py`) decide alike.
+    """
+    from packaging.version import Version
+
+    prefix = STANDARD_ROPE_MODELS[module_name]
+    if "rope_type" not in rotary_init_source or not any(
+        name in rotary_init_source for name in ("rope_scaling", "rope_parameters")
+    ):
+        return f"in transformers {release}, {prefix}RotaryEmbedding takes no RoPE type from the config"
+    if own_caches:
+        return (
+            f"in transformers {release}, {module_name} has its own cache ({', '.join(own_caches)}), whose states the "
+            "recompute does not empty"
+        )
+    if module_name in COVERED_FROM and Version(COVERED_FROM[module_name][0]) > Version(Version(release).base_version):
+        first, reason = COVERED_FROM[module_name]
+        return f"covered from transformers {first}: {reason}"
+    return None
+
+
+def covered_standard_rope_model(module_name: str):
+    """
+    `(module, None)`, the installed release's modeling module of `module_name` (a model of `STANDARD_ROPE_MODELS`)
+    when the patches cover it there, or `(None, why not)`: the release does not have the model (or not its rotary
+    embedding, decoder and causal LM), or `standard_rope_model_exclusion` leaves it out.
+    """
+    import importlib
+
+    import transformers
+
+    prefix = STANDARD_ROPE_MODELS[module_name]
+    release = transformers.__version__
+    try:
+        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    except ImportError:
+        return None, f"transformers {release} does not have {module_name}"
+    missing = [
+        prefix + suffix
+        for suffix in ("RotaryEmbedding", "Model", "ForCausalLM")
+        if not hasattr(module, prefix + suffix)
+    ]
+    if missing:
+        return None, f"transformers {release} has no {', '.join(missing)}"
+    own_caches = [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and name.endswith("Cache") and value.__module__ == module.__name__
+    ]
+    rotary_init_source = _source(getattr(module, f"{prefix}RotaryEmbedding").__init__)
+    reason = standard_rope_model_exclusion(module_name, release, rotary_init_source, own_caches)
+    return (None, reason) if reason is not None else (module, None)
+
+
 def standard_rope_model_bindings(
     stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute
 ) -> list[Binding]:
-    """Bindings for the models of `STANDARD_ROPE_MODELS` whose installed release parameterises RoPE by `rope_type`."""
-    import importlib
-
+    """Bindings for the models of `STANDARD_ROPE_MODELS` that the installed release has and the patches cover there
+    (`covered_standard_rope_model`)."""
     bindings = []
     for module_name, prefix in STANDARD_ROPE_MODELS.items():
-        try:
-            module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-        except ImportError:
+        module, _ = covered_standard_rope_model(module_name)
+        if module is None:
             continue
-        rotary_embedding = getattr(module, f"{prefix}RotaryEmbedding", None)
-        if rotary_embedding is None or "rope_type" not in _source(rotary_embedding.__init__):
-            # A release whose rotary embedding takes no RoPE scaling at all (Mistral and Qwen2 before 4.45)
-            continue
-        bindings.append(_standard_rotary_binding(rotary_embedding))
+        bindings.append(_standard_rotary_binding(getattr(module, f"{prefix}RotaryEmbedding")))
         if _tracks_any_cache(stale_cache_policy):
             decoder, causal_lm = getattr(module, f"{prefix}Model"), getattr(module, f"{prefix}ForCausalLM")
             bindings += cache_bindings(decoder, causal_lm, upstream_attribute)

@@ -106,20 +106,31 @@ def tiny_phi3_model(
 
 
 def tiny_llama_config(
-    rope_type: str = "longrope", switch_point: int = SWITCH_POINT, config_class=LlamaConfig, **overrides
+    rope_type: str = "longrope",
+    switch_point: int = SWITCH_POINT,
+    config_class=LlamaConfig,
+    rotary_dim: int = 8,
+    extra_rope_parameters: dict | None = None,
+    type_key: str = "rope_type",
+    **overrides,
 ) -> LlamaConfig:
     """
-    A two-layer Llama config (or one of `config_class`, a family of `STANDARD_FAMILY_CLASSES`) with a
-    sequence-dependent RoPE. `longrope`: short factors up to `switch_point` tokens, long ones beyond. `dynamic`: NTK
-    scaling past `max_position_embeddings = switch_point`.
+    A two-layer Llama config (or one of `config_class`, a model of `patches.targets.STANDARD_ROPE_MODELS`) with a
+    sequence-dependent RoPE. `longrope`: short factors up to `switch_point` tokens, long ones beyond (one per pair of
+    the `rotary_dim` rotated dimensions). `dynamic`: NTK scaling past `max_position_embeddings = switch_point`.
+    `extra_rope_parameters` go with the RoPE settings (`rope_parameters`, or `rope_scaling` before 5.0, whose type is
+    under `type_key`) where these do not set them.
     """
-    head_dim = 8
     config = {
         **TINY_DECODER,
         "max_position_embeddings": switch_point if rope_type == "dynamic" else 4 * switch_point,
-        **rope_config(rope_type, switch_point, head_dim, type_key="rope_type"),
+        **rope_config(rope_type, switch_point, rotary_dim, type_key=type_key),
         **overrides,
     }
+    rope_arguments = config.get("rope_parameters") or config.get("rope_scaling")
+    if extra_rope_parameters and rope_arguments is not None:
+        for key, value in extra_rope_parameters.items():
+            rope_arguments.setdefault(key, value)
     if rope_type == "longrope":
         config["original_max_position_embeddings"] = switch_point
         if Version("4.45") > TRANSFORMERS_VERSION:
@@ -188,6 +199,169 @@ def tiny_standard_model(family: str, rope_type: str = "longrope", seed: int = 0,
     return causal_lm_class(config).eval()
 
 
+TINY_IMAGE_SIZE = 28
+
+TINY_PHI4_MULTIMODAL_ENCODERS = {
+    "vision_config": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": TINY_IMAGE_SIZE,
+        "patch_size": 14,
+        "crop_size": TINY_IMAGE_SIZE,
+    },
+    "audio_config": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_blocks": 1,
+        "num_attention_heads": 2,
+        "ext_pw_out_channel": 16,
+        "depthwise_separable_out_channel": 16,
+        "nemo_conv_channels": 16,
+    },
+}
+"""Phi-4-multimodal's one-layer image and audio encoders."""
+
+
+TINY_EXTRA_SETTINGS = {
+    # Mixture of experts: four small experts, two per token, and (where a config has dense layers first) one dense
+    # layer, then one with experts
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_k": 2,
+    "moe_topk": 2,
+    "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 16,
+    "expert_ffn_hidden_size": 16,
+    "ffn_hidden_size": 64,
+    # Multi-head latent attention: the rotated part of a query or key head is `qk_rope_head_dim` wide
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "index_head_dim": 8,
+    "index_n_heads": 2,
+    # Linear-attention layers of hybrid models
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_head_dim": 8,
+    # Head sizes under other names
+    "query_pre_attn_scalar": 8,
+    "kv_channels": 8,
+}
+"""Small settings for what some configs of `patches.targets.STANDARD_ROPE_MODELS` add to `TINY_DECODER` (experts,
+latent attention, linear-attention layers), each given only to a config that has it."""
+
+TINY_MODEL_SETTINGS = {
+    # Hybrid models: one layer of each kind, so that one layer attends with RoPE
+    "bailing_hybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # Only its sliding-window layers are rotary
+    "flint": {"layer_types": ["sliding_attention", "full_attention"]},
+    # A quarter of a head of 8 is one pair of dimensions, too few for dynamic NTK's exponent (dim / (dim - 2)): half
+    "stablelm": {"partial_rotary_factor": 0.5},
+    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"], "partial_rotary_factor": 0.5},
+    # Its head dimension is the rotated part of latent attention's heads, but not derived from it
+    "longcat_flash": {"head_dim": 8},
+    "phi4_multimodal": TINY_PHI4_MULTIMODAL_ENCODERS,
+    # Its attention and experts are sub-configs, which read the hidden size under its own name
+    "dbrx": {
+        "d_model": TINY_DECODER["hidden_size"],
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+}
+"""Per-model settings of `tiny_config` beyond `TINY_DECODER` and `TINY_EXTRA_SETTINGS`."""
+
+TINY_MODEL_ROPE_PARAMETERS = {
+    # Their attention scales queries by position with these (Llama 4's scaling), as their checkpoints give them
+    "ministral3": {"llama_4_scaling_beta": 0.1, "original_max_position_embeddings": SWITCH_POINT},
+    "mistral4": {"llama_4_scaling_beta": 0.1, "original_max_position_embeddings": SWITCH_POINT},
+    # Their 4.x rotary embeddings read `alpha` (NTK-alpha scaling of the base) with dynamic NTK; 1 changes nothing
+    "hunyuan_v1_dense": {"alpha": 1.0},
+    "hunyuan_v1_moe": {"alpha": 1.0},
+    # Their 4.x attention reads `factor` (for yarn's attention scale) whatever the RoPE type; 1 changes nothing
+    "deepseek_v3": {"factor": 1.0},
+    "longcat_flash": {"factor": 1.0},
+}
+"""Per-model RoPE parameters of `tiny_config` beyond those of `rope_config` (which keep their own values)."""
+
+TINY_MODEL_ROPE_TYPE_KEYS = {"olmo": "type", "olmo2": "type", "phi4_multimodal": "type"}
+"""Models whose 4.x configs read the RoPE type under `type` rather than `rope_type`."""
+
+
+def _standard_rope_classes(module_name: str) -> tuple[type, type, type]:
+    """The rotary embedding, causal LM and config classes of a model of `STANDARD_ROPE_MODELS`."""
+    from .targets import STANDARD_ROPE_MODELS
+
+    prefix = STANDARD_ROPE_MODELS[module_name]
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    causal_lm_class = getattr(module, f"{prefix}ForCausalLM")
+    return getattr(module, f"{prefix}RotaryEmbedding"), causal_lm_class, causal_lm_class.config_class
+
+
+def _rotary_dim(config) -> int:
+    """How many dimensions of a head the longrope and dynamic NTK inits rotate, as they compute it."""
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    partial_rotary_factor = rope_parameters.get("partial_rotary_factor") or getattr(
+        config, "partial_rotary_factor", None
+    )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * (partial_rotary_factor or 1.0))
+
+
+def tiny_config(module_name: str, rope_type: str = "longrope", attn_implementation: str = "eager", **overrides):
+    """
+    A two-layer config of a model of `patches.targets.STANDARD_ROPE_MODELS`, with `TINY_DECODER`'s sizes, a head
+    dimension of 8, the small settings of `TINY_EXTRA_SETTINGS` it has, and the RoPE settings of `tiny_llama_config`
+    (`longrope`: short factors up to `SWITCH_POINT` tokens, long ones beyond; `dynamic`: NTK scaling past
+    `max_position_embeddings = SWITCH_POINT`). The longrope factors have as many entries as the rotary embedding has
+    frequencies (fewer than the head dimension's half where a model rotates only part of each head).
+    """
+    rotary_class, _, config_class = _standard_rope_classes(module_name)
+    defaults = config_class()
+    sizes = {
+        **TINY_DECODER,
+        **{key: value for key, value in TINY_EXTRA_SETTINGS.items() if hasattr(defaults, key)},
+        "head_dim": TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"],
+        "attn_implementation": attn_implementation,
+    }
+    if hasattr(defaults, "kv_lora_rank"):
+        # Latent attention expands its keys and values to every head, and its config derives the head dimension
+        # from `qk_rope_head_dim` and `qk_nope_head_dim`
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"]
+        sizes.pop("head_dim")
+    sizes.update({**TINY_MODEL_SETTINGS.get(module_name, {}), **overrides})
+    rotary_dim = _rotary_dim(tiny_llama_config("default", config_class=config_class, **sizes))
+    return tiny_llama_config(
+        rope_type,
+        config_class=config_class,
+        rotary_dim=rotary_dim,
+        extra_rope_parameters=TINY_MODEL_ROPE_PARAMETERS.get(module_name),
+        type_key=TINY_MODEL_ROPE_TYPE_KEYS.get(module_name, "rope_type"),
+        **sizes,
+    )
+
+
+def tiny_model(module_name: str, rope_type: str = "longrope", seed: int = 0, attn_implementation: str = "eager"):
+    """A randomly initialised causal LM of `tiny_config`, in eval mode (fp32, eager attention unless asked so)."""
+    _, causal_lm_class, _ = _standard_rope_classes(module_name)
+    config = tiny_config(module_name, rope_type, attn_implementation)
+    torch.manual_seed(seed)
+    return causal_lm_class(config).eval()
+
+
 SHORT_MSCALE, LONG_MSCALE = 1.0, 1.25
 """PhiMoE's longrope attention scales, short and long, as its checkpoints have them (apart, so a mix-up shows)."""
 
@@ -222,9 +396,6 @@ def tiny_phimoe_model(seed: int = 0):
     return PhimoeForCausalLM(config).eval()
 
 
-TINY_IMAGE_SIZE = 28
-
-
 def tiny_phi4_multimodal_model(seed: int = 0):
     """A two-layer Phi-4-multimodal with one-layer image and audio encoders; longrope switches after `SWITCH_POINT`
     (4.51+)."""
@@ -236,24 +407,7 @@ def tiny_phi4_multimodal_model(seed: int = 0):
         **rope_config("longrope", SWITCH_POINT, head_dim),
         max_position_embeddings=4 * SWITCH_POINT,
         original_max_position_embeddings=SWITCH_POINT,
-        vision_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": TINY_IMAGE_SIZE,
-            "patch_size": 14,
-            "crop_size": TINY_IMAGE_SIZE,
-        },
-        audio_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_blocks": 1,
-            "num_attention_heads": 2,
-            "ext_pw_out_channel": 16,
-            "depthwise_separable_out_channel": 16,
-            "nemo_conv_channels": 16,
-        },
+        **TINY_PHI4_MULTIMODAL_ENCODERS,
         attn_implementation="eager",
     )
     torch.manual_seed(seed)

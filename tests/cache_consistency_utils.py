@@ -35,6 +35,7 @@ from patches.tiny_models import (  # noqa: F401
     rope_config,
     tiny_llama_config,
     tiny_llama_model,
+    tiny_model,
     tiny_phi3_config,
     tiny_phi3_model,
     tiny_phi4_multimodal_model,

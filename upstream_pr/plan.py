@@ -18,6 +18,7 @@ from packaging.version import Version
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
 from patches import versions
+from patches.targets import STANDARD_ROPE_MODELS, standard_rope_model_exclusion
 
 from .source_edits import (
     AddDecorator,
@@ -59,7 +60,9 @@ COVERED_MODELS = {
     "mistral": "Mistral",
     "qwen2": "Qwen2",
 }
-"""The models the run-time patches cover (`patches/targets.py`), whose decoder and causal LM define the copies."""
+"""The models whose decoder and causal LM `forward` define the copies: the Phi models, and Llama, Mistral and Qwen2
+(`patches/targets.py`). A copy is changed where it stands in a model the run-time patches cover (`_covered_models`):
+one of these, or of `patches.targets.STANDARD_ROPE_MODELS`."""
 
 ROPE_UTILITY_FUNCTIONS = (
     "get_rope_type",
@@ -210,6 +213,30 @@ def _reference_forwards(models_dir: Path, role: _Role) -> set[str]:
     return references
 
 
+def _covered_models(models_dir: Path, release: Version) -> set[str]:
+    """
+    The models of the tree whose copies the pull request changes: those of `COVERED_MODELS`, and those of
+    `STANDARD_ROPE_MODELS` that the run-time patches cover on the tree's release (`standard_rope_model_exclusion`, read
+    from the tree's modeling file). A model the patches leave out keeps its code, stale cache included.
+    """
+    covered = {name for name in COVERED_MODELS if (models_dir / name).is_dir()}
+    for name, prefix in STANDARD_ROPE_MODELS.items():
+        path = models_dir / name / f"modeling_{name}.py"
+        if name in covered or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+        if not all(f"{prefix}{suffix}" in classes for suffix in ("RotaryEmbedding", "Model", "ForCausalLM")):
+            continue
+        init = find_function(classes[f"{prefix}RotaryEmbedding"].body, "__init__")
+        init_source = _method_text(text, init) if init is not None else ""
+        own_caches = [class_name for class_name in classes if class_name.endswith("Cache")]
+        if standard_rope_model_exclusion(name, str(release), init_source, own_caches) is None:
+            covered.add(name)
+    return covered
+
+
 def _model_files(models_dir: Path) -> list[Path]:
     files = []
     for model_dir in sorted(path for path in models_dir.iterdir() if path.is_dir()):
@@ -358,10 +385,12 @@ def _model_file_plan(
     references: dict[_Role, set[str]],
     modeling_plan: FilePlan | None = None,
     standard_dynamic_update: str | None = None,
+    covered: bool = True,
 ) -> FilePlan | None:
     """
     The edits of a modeling or modular file. A modular file also gets, on the methods it defines, the decorators its
     generated modeling file got (the converter rewrites code, so the modular copy may not read like the original).
+    Those and the checked `prepare_inputs_for_generation` go only to a model the run-time patches cover (`covered`).
     `standard_dynamic_update` is set for trees whose rotary embeddings update their own frequencies (before 4.51):
     their updates move to `dynamic_rope_update` (see `_rotary_update_edits`).
     """
@@ -383,7 +412,7 @@ def _model_file_plan(
                 edits.append(AddImportFrom(3, "modeling_rope_utils", ("dynamic_rope_update",)))
         if path.name == "modeling_phi3.py":
             edits += _phi3_v4_46_edits(class_node, text)
-        for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD):
+        for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD) if covered else ():
             prefix = _model_prefix(class_node.name, role.class_suffix)
             forward = find_function(class_node.body, "forward")
             if prefix is None or forward is None:
@@ -401,7 +430,8 @@ def _model_file_plan(
                     needs_generation_mixin |= not isinstance(generation_edit, AddDecorator)
         own_generation = find_function(class_node.body, "prepare_inputs_for_generation")
         if (
-            own_generation is not None
+            covered
+            and own_generation is not None
             and not any(getattr(edit, "class_name", None) == class_node.name for edit in edits)
             and drops_cache_at_switch(_method_text(text, own_generation))
         ):
@@ -562,6 +592,7 @@ def make_plan(tree: Path) -> list[FilePlan]:
     models_dir = tree / "src" / "transformers" / "models"
     references = {role: _reference_forwards(models_dir, role) for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD)}
     standard_dynamic_update = _standard_dynamic_update(models_dir)
+    covered = _covered_models(models_dir, release)
     plans = [
         _rope_utils_plan(tree),
         FilePlan("src/transformers/rope_cache_utils.py", new_text=_rope_cache_module_text(release)),
@@ -569,7 +600,14 @@ def make_plan(tree: Path) -> list[FilePlan]:
     modeling_plans = {}
     for path in _model_files(models_dir):
         modeling_plan = modeling_plans.get(path.parent.name) if path.name.startswith("modular_") else None
-        plan = _model_file_plan(path, str(path.relative_to(tree)), references, modeling_plan, standard_dynamic_update)
+        plan = _model_file_plan(
+            path,
+            str(path.relative_to(tree)),
+            references,
+            modeling_plan,
+            standard_dynamic_update,
+            covered=path.parent.name in covered,
+        )
         if plan is not None:
             plans.append(plan)
             if path.name.startswith("modeling_"):

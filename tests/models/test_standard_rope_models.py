@@ -1,0 +1,179 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Every model of `patches.targets.STANDARD_ROPE_MODELS` that the installed release has, tiny and random
+(`tiny_model`): with the patches applied, a hand-written loop and greedy `generate()` across the RoPE switch match the
+forward pass without cache, with longrope and with dynamic NTK (under `"recompute"`); without them, the loop's cache
+is stale at the longrope switch, so that these tests can fail.
+"""
+
+import functools
+import inspect
+import unittest
+import warnings
+
+from packaging.version import Version
+from parameterized import parameterized
+
+import patches
+from patches.targets import LEFT_OUT_MODELS, STANDARD_ROPE_MODELS, covered_standard_rope_model
+from transformers.testing_utils import require_torch
+from transformers.utils import logging
+
+from ..cache_consistency_utils import (
+    FP32_TOLERANCE,
+    SWITCH_POINT,
+    TRANSFORMERS_VERSION,
+    generate_errors,
+    hand_written_loop_errors,
+    no_cache_logits,
+    random_tokens,
+    reset_dynamic_rope,
+    tiny_model,
+)
+
+
+MODELS = [(module_name,) for module_name in sorted(STANDARD_ROPE_MODELS)]
+
+LONGROPE_INIT_HAS_SHORT_FACTORS = Version("4.45") <= TRANSFORMERS_VERSION
+"""4.44's longrope init gives these models the long factors at every length: there is no switch to test."""
+
+TOKENS = random_tokens(SWITCH_POINT + 3)
+"""Decoded from `SWITCH_POINT - 1` tokens to `SWITCH_POINT + 3`: across the switch, at `SWITCH_POINT + 1`."""
+
+
+@functools.cache
+def model(module_name: str, rope_type: str):
+    """The tiny model, built once for the module (the patches replace methods of its classes, not the model)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = tiny_model(module_name, rope_type)
+    built.generation_config.pad_token_id = 0
+    return built
+
+
+def covered_model(test, module_name: str, rope_type: str = "longrope"):
+    """
+    The tiny model, or the test skipped: the patches do not cover the model on the installed release (see
+    `covered_standard_rope_model`), or its config refuses `rope_type` (Phi-4-multimodal's accepts only longrope, and
+    Olmo's before 5.0 only linear and dynamic scaling).
+    """
+    _, reason = covered_standard_rope_model(module_name)
+    if reason is not None:
+        test.skipTest(reason)
+    try:
+        tiny = model(module_name, rope_type)
+    except Exception as error:
+        # A config's validation error: a `ValueError`, or from 5.0 a strict dataclass's validation error
+        if not isinstance(error, ValueError) and "Validation" not in type(error).__name__:
+            raise
+        if "rope" not in str(error).lower():
+            raise
+        test.skipTest(f"this release's {module_name} config refuses {rope_type}: {error}")
+    reset_dynamic_rope(tiny)
+    return tiny
+
+
+def upstream_switches_longrope(module_name: str) -> bool:
+    """
+    Whether upstream's rotary embedding of the model switches the longrope factors (`@dynamic_rope_update`, from
+    4.51). Before, it rotates every length with the factors it holds, and the patches give it the switch.
+    """
+    module, _ = covered_standard_rope_model(module_name)
+    rotary_embedding = getattr(module, f"{STANDARD_ROPE_MODELS[module_name]}RotaryEmbedding")
+    return "@dynamic_rope_update" in inspect.getsource(rotary_embedding.forward)
+
+
+class QuietTestCase(unittest.TestCase):
+    """transformers' notices (longrope's `original_max_position_embeddings`, lengths past the maximum) silenced."""
+
+    @classmethod
+    def setUpClass(cls):
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        cls.addClassCleanup(logging.set_verbosity, verbosity)
+
+
+@require_torch
+class StandardRopeModelsTest(QuietTestCase):
+    """The patches applied once for the class, longrope under its default policy and dynamic NTK under "recompute"."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.enterClassContext(patches.applied(stale_cache={"dynamic": "recompute"}))
+
+    def assertMatchesNoCache(self, errors, path: str):
+        self.assertGreater(len(errors), 0)
+        self.assertLessEqual(max(errors), FP32_TOLERANCE, f"{path}, max |Δlogit| per step: {errors}")
+
+    def assertDecodingMatchesNoCache(self, tiny):
+        loop_errors, _ = hand_written_loop_errors(tiny, TOKENS, SWITCH_POINT - 1)
+        self.assertMatchesNoCache(loop_errors, "hand-written loop")
+        reset_dynamic_rope(tiny)
+        _, generate_step_errors = generate_errors(
+            tiny, TOKENS[:, : SWITCH_POINT - 1], max_new_tokens=4, do_sample=False
+        )
+        self.assertMatchesNoCache(generate_step_errors, "greedy generate()")
+
+    def test_every_covered_model_is_patched_completely(self):
+        patched = set(patches.status().patched)
+        for module_name, prefix in STANDARD_ROPE_MODELS.items():
+            module, _ = covered_standard_rope_model(module_name)
+            expected = {
+                f"{prefix}RotaryEmbedding.forward",
+                f"{prefix}Model.forward",
+                f"{prefix}ForCausalLM.forward",
+                f"{prefix}ForCausalLM.prepare_inputs_for_generation",
+            }
+            with self.subTest(module_name):
+                if module is None:
+                    self.assertFalse(expected & patched)
+                else:
+                    self.assertLessEqual(expected, patched)
+        self.assertFalse(set(LEFT_OUT_MODELS) & set(STANDARD_ROPE_MODELS))
+
+    @parameterized.expand(MODELS)
+    def test_longrope_decoding_matches_no_cache(self, module_name):
+        self.assertDecodingMatchesNoCache(covered_model(self, module_name, "longrope"))
+
+    @parameterized.expand(MODELS)
+    def test_dynamic_ntk_decoding_matches_no_cache(self, module_name):
+        self.assertDecodingMatchesNoCache(covered_model(self, module_name, "dynamic"))
+
+
+@require_torch
+class StandardRopeModelsUpstreamTest(QuietTestCase):
+    """What the patches fix, without them."""
+
+    @parameterized.expand(MODELS)
+    @unittest.skipUnless(LONGROPE_INIT_HAS_SHORT_FACTORS, "this release's longrope init has only the long factors")
+    def test_upstream_longrope(self, module_name):
+        tiny = covered_model(self, module_name, "longrope")
+        if upstream_switches_longrope(module_name):
+            # It switches the factors, and the cache filled before the switch is stale
+            errors, _ = hand_written_loop_errors(tiny, TOKENS, SWITCH_POINT - 1)
+            self.assertGreater(max(errors), 100 * FP32_TOLERANCE, f"max |Δlogit| per step: {errors}")
+            return
+        # It never switches, rotating every length with the factors it holds (from its init: the long ones on 4.46, the
+        # short ones on 4.50): the patches give it the switch, so that one side of it rotates differently
+        differences = []
+        for length in (SWITCH_POINT, SWITCH_POINT + 3):
+            upstream = no_cache_logits(tiny, TOKENS[:, :length])
+            with patches.applied():
+                switched = no_cache_logits(tiny, TOKENS[:, :length])
+            differences.append((switched - upstream).abs().max().item())
+        self.assertGreater(
+            max(differences), 100 * FP32_TOLERANCE, f"max |Δlogit| below and past the switch: {differences}"
+        )
