@@ -75,6 +75,8 @@ class PatchStatus:
     consistent: bool = False
     patched: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    # Models of this release with a standard-looking rotary embedding that the patches leave out, and why
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         support = "supported" if self.version_supported else "NOT supported"
@@ -89,6 +91,10 @@ class PatchStatus:
         ]
         lines += [f"  patched  {name}" for name in self.patched]
         lines += [f"  refused  {name}: {reason}" for name, reason in self.refused.items()]
+        lines += [
+            f"  left out {name} (stale across a switch, as upstream): {reason}"
+            for name, reason in self.left_out.items()
+        ]
         return "\n".join(lines)
 
 
@@ -97,6 +103,7 @@ _lock = threading.RLock()
 _originals: dict[tuple[type, str], object] = {}
 _patched: dict[tuple[type, str], str] = {}
 _refused: dict[str, str] = {}
+_left_out: dict[str, str] = {}
 # `(owner, attribute, old, new)` of the attributes changed since the last scan for modules hooked by accelerate
 _hook_changes: list[tuple[type, str, object, object]] = []
 _applied = False
@@ -159,7 +166,7 @@ def apply(
             "one the patch was written for)."
         )
 
-    from .targets import all_bindings, consistent_decoding_bindings
+    from .targets import all_bindings, consistent_decoding_bindings, left_out_models
 
     if consistent and not consistent_decoding_bindings():
         raise ConsistentDecodingUnavailableError(
@@ -182,6 +189,8 @@ def apply(
                 _restore(key)
         _refused.clear()
         _refused.update(refused)
+        _left_out.clear()
+        _left_out.update(left_out_models())
         for binding in wanted:
             if binding.name not in refused:
                 _bind(binding)
@@ -208,6 +217,7 @@ def revert() -> PatchStatus:
             _restore(key)
         _rebind_hooked_modules()
         _refused.clear()
+        _left_out.clear()
         set_stale_cache_policy(None)
         _consistent = False
         _applied = False
@@ -228,6 +238,7 @@ def status() -> PatchStatus:
             consistent=_consistent,
             patched=sorted(_patched.values()),
             refused=dict(_refused),
+            left_out=dict(_left_out),
         )
 
 

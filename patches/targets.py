@@ -500,6 +500,26 @@ def covered_standard_rope_model(module_name: str):
     return (None, reason) if reason is not None else (module, None)
 
 
+def left_out_models() -> dict[str, str]:
+    """
+    The models of the installed release that have a standard-looking rotary embedding but are not protected, with
+    why: those of `LEFT_OUT_MODELS`, and those of `STANDARD_ROPE_MODELS` that `covered_standard_rope_model` leaves
+    out on this release. A config with `longrope` or `dynamic` scaling keeps their caches stale across a switch, as
+    upstream does. Models the release does not have are not listed.
+    """
+    import importlib.util
+
+    left_out = {}
+    for module_name in STANDARD_ROPE_MODELS:
+        module, reason = covered_standard_rope_model(module_name)
+        if module is None and "does not have" not in reason:
+            left_out[module_name] = reason
+    for module_name, reason in LEFT_OUT_MODELS.items():
+        if importlib.util.find_spec(f"transformers.models.{module_name}") is not None:
+            left_out[module_name] = reason
+    return dict(sorted(left_out.items()))
+
+
 def standard_rope_model_bindings(
     stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute
 ) -> list[Binding]:

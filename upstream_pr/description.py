@@ -3,6 +3,8 @@
 import csv
 from pathlib import Path
 
+from patches.targets import LEFT_OUT_MODELS
+
 from .plan import make_plan, read_release
 
 
@@ -73,6 +75,11 @@ def describe(
         f"Files ({len(plans) + 2} with the tests), against transformers {release}:",
         "",
         *changes,
+        "",
+        "Models with a standard-looking rotary embedding left as they are (their caches stay stale across a switch, "
+        "as today), and why:",
+        "",
+        *(f"- `{module_name}`: {reason}" for module_name, reason in sorted(LEFT_OUT_MODELS.items())),
         "",
         "## Tests",
         "",
