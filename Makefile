@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-# The newest release the patches are tested on, the last of `TESTED_VERSIONS` in patches/versions.py
-TRANSFORMERS_VERSION ?= $(shell awk -F'"' '/^TESTED_VERSIONS = / {print $$(NF - 1)}' patches/versions.py)
+# The newest release the patches are tested on, from the table of eras (patches/coverage.py imports only the
+# standard library at the top, so this needs no environment)
+TRANSFORMERS_VERSION ?= $(shell $(PYTHON) -c "import runpy; print(runpy.run_path('patches/coverage.py')['NEWEST_TESTED_VERSION'])")
 INSTALLED := $(VENV)/.installed-torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 export PYTHONPATH := $(CURDIR)
 
@@ -41,8 +42,11 @@ divergence: install
 
 # The upstream pull request: a diff from modeling_overrides/ against the installed release (or TRANSFORMERS_SRC, a
 # checkout), verified by applying it to a copy and running its checks and tests, and its description, under out/pr/.
+# The minimal pull request, the Phi-3 family only (its files, the shared RoPE update, the new module, its tests):
+# make diff SCOPE=phi3
+SCOPE ?= all
 diff: install
-	$(PY) scripts/make_pr_diff.py --verify $(if $(TRANSFORMERS_SRC),--transformers-src $(TRANSFORMERS_SRC))
+	$(PY) scripts/make_pr_diff.py --verify --scope $(SCOPE) $(if $(TRANSFORMERS_SRC),--transformers-src $(TRANSFORMERS_SRC))
 
 # What the patches cost, measured side by side in one process: a table, JSON and a PNG under out/bench/. CPU by
 # default (a 34M-parameter Phi-3 switching at 512); on a GPU: make bench BENCH_ARGS="--device cuda"

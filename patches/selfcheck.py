@@ -10,10 +10,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from packaging.version import Version
 
+from .coverage import MODELS
 from .reference import (
     CACHE_KEYWORD,
     FP32_TOLERANCE,
@@ -24,7 +26,6 @@ from .reference import (
 from .tiny_models import (
     SWITCH_POINT,
     TRANSFORMERS_VERSION,
-    family_is_installed,
     new_cache,
     random_tokens,
     reset_dynamic_rope,
@@ -38,73 +39,63 @@ from .tiny_models import (
 
 @dataclass(frozen=True)
 class CheckedFamily:
-    """A tiny model to decode, and the stale-cache policy it is checked under (`None`: the defaults)."""
+    """A tiny model to decode, and the stale-cache policy it is checked under (`None`: the defaults). `not_covered`
+    says why the patches do not cover the model on the installed release, if they do not."""
 
     name: str
-    installed: bool
+    not_covered: str | None
     build: Callable[[], torch.nn.Module]
     stale_cache: dict[str, str] | None = None
     rows_are_rotated_alone: bool = True
 
 
+FAMILY_NAMES = {"phi3": "Phi-3", "phimoe": "PhiMoE", "phi4_multimodal": "Phi-4-multimodal", "minicpm3": "MiniCPM3"}
+"""How the check names a family, where the name is not the model's class prefix."""
+
+ROPE_TYPE_NAMES = {"longrope": "longrope", "dynamic": "dynamic NTK"}
+
+TINY_MODEL_BUILDERS = {
+    "phi3": lambda rope_type: tiny_phi3_model(),
+    "phimoe": lambda rope_type: tiny_phimoe_model(),
+    "phi4_multimodal": lambda rope_type: tiny_phi4_multimodal_model(),
+    # Llama's tiny settings, which hold on every release (the generic configs need 4.45 for Mistral and Qwen2)
+    **{name: partial(tiny_standard_model, name) for name in ("llama", "mistral", "qwen2")},
+}
+"""The tiny models of the checked families that `tiny_model` does not build (longrope only for the Phi models)."""
+
+
+def _rows_are_rotated_alone(module_name: str, rope_type: str) -> bool:
+    # Dynamic NTK scales the whole batch by its longest row, as upstream's does; PhiMoE before 5.0 chooses one factor
+    # set for the whole batch
+    return rope_type != "dynamic" and not (module_name == "phimoe" and TRANSFORMERS_VERSION.major < 5)
+
+
 def checked_families() -> list[CheckedFamily]:
     """
-    The families the patches cover, with longrope (Phi-3, PhiMoE, Phi-4-multimodal, and some of the models with the
-    standard rotary embedding); Llama and Olmo2 with dynamic NTK, checked under `"recompute"`.
+    The models `coverage.MODELS` marks for the self-check, with each RoPE type it names (longrope for the Phi models,
+    Llama, Mistral, Qwen2, and latent attention, a plain decoder and experts in MiniCPM3, Qwen3 and Mixtral; dynamic
+    NTK for Llama and Olmo2, checked under `"recompute"`).
     """
-    families = [CheckedFamily("Phi-3 longrope", True, tiny_phi3_model)]
-    families.append(
-        CheckedFamily(
-            "PhiMoE longrope",
-            family_is_installed("phimoe"),
-            tiny_phimoe_model,
-            # Before 5.0 its rotary embedding chooses one factor set for the whole batch, as upstream's does
-            rows_are_rotated_alone=TRANSFORMERS_VERSION.major >= 5,
-        )
-    )
-    families.append(
-        CheckedFamily("Phi-4-multimodal longrope", family_is_installed("phi4_multimodal"), tiny_phi4_multimodal_model)
-    )
-    for family, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2")):
-        families.append(CheckedFamily(f"{name} longrope", True, lambda family=family: tiny_standard_model(family)))
-    families.append(
-        CheckedFamily(
-            "Llama dynamic NTK",
-            True,
-            lambda: tiny_standard_model("llama", "dynamic"),
-            {"dynamic": "recompute"},
-            # Dynamic NTK scales the whole batch by its longest row, as upstream's does
-            rows_are_rotated_alone=False,
-        )
-    )
-    # A few more of `STANDARD_ROPE_MODELS` (tests/models/test_standard_rope_models.py decodes every one): latent
-    # attention, a plain decoder, experts, and (since Olmo's 4.x configs refuse longrope) dynamic NTK
-    for module_name, name in (("minicpm3", "MiniCPM3"), ("qwen3", "Qwen3"), ("mixtral", "Mixtral")):
-        families.append(
-            CheckedFamily(
-                f"{name} longrope",
-                _is_covered(module_name),
-                lambda module_name=module_name: tiny_model(module_name, "longrope"),
+    families = []
+    for module_name, model in MODELS.items():
+        for rope_type in model.self_check:
+            build = TINY_MODEL_BUILDERS.get(module_name, partial(tiny_model, module_name))
+            families.append(
+                CheckedFamily(
+                    f"{FAMILY_NAMES.get(module_name, model.prefix)} {ROPE_TYPE_NAMES[rope_type]}",
+                    _why_not_covered(module_name),
+                    partial(build, rope_type),
+                    {"dynamic": "recompute"} if rope_type == "dynamic" else None,
+                    _rows_are_rotated_alone(module_name, rope_type),
+                )
             )
-        )
-    families.append(
-        CheckedFamily(
-            "Olmo2 dynamic NTK",
-            _is_covered("olmo2"),
-            lambda: tiny_model("olmo2", "dynamic"),
-            {"dynamic": "recompute"},
-            rows_are_rotated_alone=False,
-        )
-    )
     return families
 
 
-def _is_covered(module_name: str) -> bool:
-    """Whether the patches cover the model of `STANDARD_ROPE_MODELS` on the installed release."""
-    from .targets import covered_standard_rope_model
+def _why_not_covered(module_name: str) -> str | None:
+    from .targets import covered_model
 
-    module, _ = covered_standard_rope_model(module_name)
-    return module is not None
+    return covered_model(module_name)[1]
 
 
 @dataclass(frozen=True)
@@ -235,8 +226,8 @@ def _check_families(force: bool, progress: Callable[[str], None] | None) -> list
     results = []
     families = checked_families()
     for family in families:
-        if not family.installed:
-            results.append(PathResult(family.name, "every path", "skipped", "not in this transformers release"))
+        if family.not_covered is not None:
+            results.append(PathResult(family.name, "every path", "skipped", family.not_covered))
             continue
         # Applied once for the family's paths (`apply` and `revert` each scan the live objects for accelerate's hooks)
         with applied(stale_cache=family.stale_cache, force=force):

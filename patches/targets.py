@@ -1,24 +1,20 @@
 """
 The attributes of the installed transformers that the patches replace, and what replaces them.
 
-Upstream's Phi-3 longrope code took four shapes over the supported releases. The bindings recognise each shape by
-what the installed classes define, and every replaced function is checked (signature and source fingerprint) against
-the one its replacement was written for; a function that differs is refused, not patched blind.
+What is covered is stated in `patches/coverage.py`: the eras of upstream's code (recognised from Phi-3's modeling
+source, as the pull request recognises them) and the models. This module turns that into bindings, and every
+replaced function is checked (signature and source fingerprint) against the one its replacement was written for; a
+function that differs is refused, not patched blind.
 
-| releases  | factors chosen in                                      | replaced                                    |
-|-----------|--------------------------------------------------------|---------------------------------------------|
-| 4.44-4.47 | `Phi3LongRoPEScaledRotaryEmbedding.forward`, per layer | that `forward`; the causal LM's forward     |
-|           |                                                        | warning (4.45-4.47)                         |
-| 4.48-4.50 | `Phi3RotaryEmbedding._longrope_frequency_update`       | `forward`, in its 4.51 form (decorated)     |
-| 4.51-5.x  | the `dynamic_rope_update` decorator on `forward`       | `forward`, re-decorated                     |
-
-In every release, `Phi3Model.forward` is decorated with `check_rope_cache`, and the causal LM's
-`prepare_inputs_for_generation` with `check_rope_cache_in_generation`; from 4.45 on, that decorates the generic
-implementation instead of Phi-3's own, whose only addition is dropping the cache at the switch. The same decorators
-go on PhiMoE, Phi-4-multimodal and the models of `STANDARD_ROPE_MODELS`.
+For every covered model: its rotary embedding's `forward` is re-decorated with the patches' `dynamic_rope_update`
+(Phi-3's replaced as its era needs, PhiMoE's by `modeling_overrides/models/phimoe/`); its decoder's `forward` is
+decorated with `check_rope_cache`, its causal LM's with `split_at_rope_switch`, and its `prepare_inputs_for_generation`
+with `check_rope_cache_in_generation` (from 4.45 the generic implementation in place of the Phi models' own, whose
+only addition is dropping the cache at the switch).
 
 With `consistent=True`, `consistent_decoding_bindings` also replaces `torch.nn.Linear.forward` and, in the modeling
-modules of `CONSISTENT_DECODING_MODELS`, `eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module attributes).
+modules of the models marked `consistent`, `eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module
+attributes).
 """
 
 import inspect
@@ -42,6 +38,19 @@ from .binding import (
     original_attribute,
     parameter_names,
     source,
+)
+from .coverage import (
+    LEFT_OUT_MODELS,
+    MODEL_CLASS_SUFFIXES,
+    MODELS,
+    PHI3_ROTARY,
+    PHIMOE_ROTARY,
+    Era,
+    Model,
+    UnrecognisedEraError,
+    model_exclusion,
+    recognise_era,
+    rotates_per_row,
 )
 
 
@@ -132,9 +141,36 @@ _decoder_forward_check = _forward_check(["use_cache"])
 _causal_lm_forward_check = _forward_check(["labels", "use_cache"])
 
 
+def installed_era() -> Era:
+    """The era of the installed transformers, recognised from Phi-3's modeling source as the pull request does.
+
+    Raises:
+        UnrecognisedEraError: that source has no known era's shape, or another era's than its release's.
+    """
+    import transformers
+    from transformers.models.phi3 import modeling_phi3
+
+    return recognise_era(inspect.getsource(modeling_phi3), transformers.__version__)
+
+
+def _refused_binding(owner: type, attribute: str, reason: str) -> Binding:
+    """A binding that is always refused, for `reason`: `apply()` then refuses as a whole, and says why."""
+    return Binding(
+        name=f"{owner.__name__}.{attribute}",
+        owner=owner,
+        attribute=attribute,
+        replacement=lambda original: original,
+        check=lambda original: reason,
+    )
+
+
 def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
-    """The longrope frequency update, in whichever place the installed release makes it."""
-    if hasattr(modeling_phi3, "Phi3LongRoPEScaledRotaryEmbedding"):
+    """The longrope frequency update, in whichever place the installed release's era makes it."""
+    try:
+        era = installed_era()
+    except UnrecognisedEraError as error:
+        return [_refused_binding(modeling_phi3.Phi3RotaryEmbedding, "forward", str(error))]
+    if era.phi3_rotary_override == "modeling_phi3_v4_46":
         from modeling_overrides.models.phi3 import modeling_phi3_v4_46
 
         return [
@@ -150,9 +186,9 @@ def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
             )
         ]
     rotary_embedding = modeling_phi3.Phi3RotaryEmbedding
-    if "_longrope_frequency_update" in rotary_embedding.__dict__:
-        # 4.48 to 4.50: `forward` calls the update methods, then rotates with `inv_freq`; it becomes the 4.51 form,
-        # whose update (for the batch or for each row) is the `dynamic_rope_update` decorator's
+    if era.phi3_rotary_override == "modeling_phi3_v4_50":
+        # `forward` calls the update methods, then rotates with `inv_freq`; it becomes the 4.51 form, whose update
+        # (for the batch or for each row) is the `dynamic_rope_update` decorator's
         from modeling_overrides.models.phi3 import modeling_phi3_v4_50
 
         return [
@@ -269,156 +305,6 @@ def _tracks_any_cache(stale_cache_policy: dict[str, str]) -> bool:
     return any(policy != "ignore" for policy in stale_cache_policy.values())
 
 
-def phi3_bindings(stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute) -> list[Binding]:
-    """Bindings for Phi-3: its longrope frequency update, and its cache handling unless its caches are ignored."""
-    from transformers.models.phi3 import modeling_phi3
-
-    bindings = phi3_rotary_bindings(modeling_phi3)
-    if _tracks_any_cache(stale_cache_policy):
-        bindings += cache_bindings(modeling_phi3.Phi3Model, modeling_phi3.Phi3ForCausalLM, upstream_attribute)
-    return bindings
-
-
-STANDARD_ROPE_MODELS = {
-    "apertus": "Apertus",
-    "apertus1p5": "Apertus1p5Text",
-    "arcee": "Arcee",
-    "aria": "AriaText",
-    "axk1": "AXK1",
-    "axk2": "AXK2",
-    "bailing_hybrid": "BailingHybrid",
-    "bitnet": "BitNet",
-    "cohere": "Cohere",
-    "cohere2": "Cohere2",
-    "cohere2_moe": "Cohere2Moe",
-    "cwm": "Cwm",
-    "dbrx": "Dbrx",
-    "deepseek_v2": "DeepseekV2",
-    "deepseek_v3": "DeepseekV3",
-    "deepseek_v32": "DeepseekV32",
-    "diffllama": "DiffLlama",
-    "doge": "Doge",
-    "dots1": "Dots1",
-    "ernie4_5": "Ernie4_5",
-    "ernie4_5_moe": "Ernie4_5_Moe",
-    "exaone4": "Exaone4",
-    "exaone_moe": "ExaoneMoe",
-    "flex_olmo": "FlexOlmo",
-    "flint": "Flint",
-    "gemma": "Gemma",
-    "gemma2": "Gemma2",
-    "glm": "Glm",
-    "glm4": "Glm4",
-    "glm4_moe": "Glm4Moe",
-    "glm4_moe_lite": "Glm4MoeLite",
-    "glm_moe_dsa": "GlmMoeDsa",
-    "gpt_oss": "GptOss",
-    "granite": "Granite",
-    "granite_swa": "GraniteSWA",
-    "helium": "Helium",
-    "hunyuan_v1_dense": "HunYuanDenseV1",
-    "hunyuan_v1_moe": "HunYuanMoEV1",
-    "hy_v3": "HYV3",
-    "hy_v4": "HYV4",
-    "hyperclovax": "HyperCLOVAX",
-    "jais2": "Jais2",
-    "jetmoe": "JetMoe",
-    "kolibri1": "Kolibri1",
-    "lara_mini": "LaraMini",
-    "lfm2": "Lfm2",
-    "lfm2_moe": "Lfm2Moe",
-    "llama": "Llama",
-    "longcat_flash": "LongcatFlash",
-    "minicpm3": "MiniCPM3",
-    "minimax_m2": "MiniMaxM2",
-    "ministral": "Ministral",
-    "ministral3": "Ministral3",
-    "mistral": "Mistral",
-    "mistral4": "Mistral4",
-    "mixtral": "Mixtral",
-    "moshi": "Moshi",
-    "nanochat": "NanoChat",
-    "nemotron": "Nemotron",
-    "olmo": "Olmo",
-    "olmo2": "Olmo2",
-    "olmo_hybrid": "OlmoHybrid",
-    "olmoe": "Olmoe",
-    "persimmon": "Persimmon",
-    "phi": "Phi",
-    "phi4_multimodal": "Phi4Multimodal",
-    "qwen2": "Qwen2",
-    "qwen2_moe": "Qwen2Moe",
-    "qwen3": "Qwen3",
-    "qwen3_moe": "Qwen3Moe",
-    "qwen3_next": "Qwen3Next",
-    "seed_oss": "SeedOss",
-    "smollm3": "SmolLM3",
-    "solar_open": "SolarOpen",
-    "stablelm": "StableLm",
-    "starcoder2": "Starcoder2",
-    "vaultgemma": "VaultGemma",
-    "youtu": "Youtu",
-}
-"""
-The models with the standard rotary embedding (`XxxRotaryEmbedding(config)`, any `rope_type`, rotating with
-`inv_freq`, `forward(self, x, position_ids)`), by modeling module and class prefix (`XxxRotaryEmbedding`, `XxxModel`,
-`XxxForCausalLM`). A config may give any of them longrope or dynamic NTK (MiniCPM3's checkpoints use longrope), and
-upstream keeps their caches for neither (Phi-4-multimodal, from 4.51, is longrope and drops the cache at the switch in
-`generate()` only, as Phi-3 does). Each one's bindings pass on every tested release that has it
-(`patches/versions.py`), and `tests/models/test_standard_rope_models.py` decodes a tiny one of each across the switch.
-A release leaves a model out (`covered_standard_rope_model`) when it does not have it, when its rotary embedding
-takes no RoPE type from the config (Mistral and Qwen2 before 4.45), when the model has a cache class of its own
-(LFM2 and Qwen3-Next before 5.0: the recompute empties transformers' caches in place, not their convolution and
-recurrent states), or before the release of `COVERED_FROM`. Phi-3 and PhiMoE have rotary embeddings of their own
-(`phi3_bindings`, `phimoe_bindings`).
-"""
-
-COVERED_FROM = {
-    "cohere2": (
-        "4.57",
-        "on 4.50 its causal LM has its own `prepare_inputs_for_generation` (for a `HybridCache`), which the bindings "
-        "refuse",
-    ),
-    "gemma2": (
-        "4.57",
-        "on 4.50 its causal LM has its own `prepare_inputs_for_generation` (for a `HybridCache`), which the bindings "
-        "refuse",
-    ),
-    "moshi": (
-        "5.0",
-        "before 5.0 its cached decoding differs from decoding without cache whatever the RoPE (max |Δlogit| 1.6e-2 "
-        "with the default one on 4.57), so that nothing can check the patches on it",
-    ),
-}
-"""Models of `STANDARD_ROPE_MODELS` covered only from a release on, and why not before: each fails on the newest tested
-release before it (4.50 or 4.57) and passes on every tested one from it."""
-
-LEFT_OUT_MODELS = {
-    "bamba": "refused on 5.23 and 5.24: its causal LM's own `prepare_inputs_for_generation` (Mamba states) is not "
-    "the one the generation check wraps",
-    "deepseek_v4": "its rotary `forward` takes a layer type (RoPE parameters per kind of layer)",
-    "emu3": "its decoder is `Emu3TextModel`, under `Emu3ForCausalLM`, and `Emu3Model` is the multimodal model, whose "
-    "`forward` takes other parameters",
-    "falcon_h1": "refused on 5.23 and 5.24: its causal LM's own `prepare_inputs_for_generation` (Mamba states) is "
-    "not the one the generation check wraps",
-    "granitemoe": "refused on 5.23 and 5.24: its causal LM's `forward` has no `use_cache` parameter",
-    "granitemoehybrid": "refused on 5.23 and 5.24: its causal LM's `forward` has no `use_cache` parameter",
-    "granitemoeshared": "refused on 5.23 and 5.24: its causal LM's `forward` has no `use_cache` parameter",
-    "minimax": "its cache (`MiniMaxCache`) keeps the lightning-attention states in `linear_cache`, which the "
-    "recompute's in-place reset does not empty: recomputed decoding stays wrong (max |Δlogit| 0.5 on a tiny model)",
-    "minimax_m3_vl": "its decoder `MiniMaxM3VLModel` is the multimodal model, whose `forward` takes other parameters",
-    "modernbert_decoder": "on 5.23 and 5.24 its rotary `forward` takes a layer type (RoPE parameters per kind of "
-    "layer)",
-    "olmo3": "on 5.23 and 5.24 its rotary `forward` takes a layer type (RoPE parameters per kind of layer)",
-    "voxtral_realtime": "its decoder is `VoxtralRealtimeTextModel`, under a `VoxtralRealtimeForConditionalGeneration`",
-    "zamba2": "refused on 5.23 and 5.24: its causal LM's own `prepare_inputs_for_generation` (Mamba states) is not "
-    "the one the generation check wraps",
-}
-"""Models with a standard-looking rotary embedding that `STANDARD_ROPE_MODELS` leaves out, and why: the bindings
-would be refused on some tested release (and `apply()` refuses as a whole), or the model does not have the shape they
-are written for, or the recompute is wrong for it. Upstream keeps their caches stale across a switch."""
-
-
 def _standard_rotary_binding(rotary_embedding: type) -> Binding:
     def check(original) -> str | None:
         if original is None:
@@ -439,107 +325,9 @@ def _standard_rotary_binding(rotary_embedding: type) -> Binding:
     )
 
 
-def standard_rope_model_exclusion(
-    module_name: str, release: str, rotary_init_source: str, own_caches: list[str]
-) -> str | None:
+def _phimoe_rotary_binding(modeling_phimoe, frequencies_per_row: bool) -> Binding:
     """
-    Why the patches leave `module_name`, a model of `STANDARD_ROPE_MODELS`, out on transformers `release`, or `None`
-    when they cover it: its rotary embedding takes no RoPE type from the config (`rotary_init_source`, the source of
-    its `__init__`: Mistral and Qwen2 before 4.45 have no `rope_type`, Nemotron before 5.0 one always `"default"`), it
-    has cache classes of its own (`own_caches`), or `release` is older than the one `COVERED_FROM` gives. The
-    run-time patches and the pull request (`upstream_pr/plan.py`) decide alike.
-    """
-    from packaging.version import Version
-
-    prefix = STANDARD_ROPE_MODELS[module_name]
-    if "rope_type" not in rotary_init_source or not any(
-        name in rotary_init_source for name in ("rope_scaling", "rope_parameters")
-    ):
-        return f"in transformers {release}, {prefix}RotaryEmbedding takes no RoPE type from the config"
-    if own_caches:
-        return (
-            f"in transformers {release}, {module_name} has its own cache ({', '.join(own_caches)}), whose states the "
-            "recompute does not empty"
-        )
-    if module_name in COVERED_FROM and Version(COVERED_FROM[module_name][0]) > Version(Version(release).base_version):
-        first, reason = COVERED_FROM[module_name]
-        return f"covered from transformers {first}: {reason}"
-    return None
-
-
-def covered_standard_rope_model(module_name: str):
-    """
-    `(module, None)`, the installed release's modeling module of `module_name` (a model of `STANDARD_ROPE_MODELS`)
-    when the patches cover it there, or `(None, why not)`: the release does not have the model (or not its rotary
-    embedding, decoder and causal LM), or `standard_rope_model_exclusion` leaves it out.
-    """
-    import importlib
-
-    import transformers
-
-    prefix = STANDARD_ROPE_MODELS[module_name]
-    release = transformers.__version__
-    try:
-        module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-    except ImportError:
-        return None, f"transformers {release} does not have {module_name}"
-    missing = [
-        prefix + suffix
-        for suffix in ("RotaryEmbedding", "Model", "ForCausalLM")
-        if not hasattr(module, prefix + suffix)
-    ]
-    if missing:
-        return None, f"transformers {release} has no {', '.join(missing)}"
-    own_caches = [
-        name
-        for name, value in vars(module).items()
-        if isinstance(value, type) and name.endswith("Cache") and value.__module__ == module.__name__
-    ]
-    rotary_init_source = _source(getattr(module, f"{prefix}RotaryEmbedding").__init__)
-    reason = standard_rope_model_exclusion(module_name, release, rotary_init_source, own_caches)
-    return (None, reason) if reason is not None else (module, None)
-
-
-def left_out_models() -> dict[str, str]:
-    """
-    The models of the installed release that have a standard-looking rotary embedding but are not protected, with
-    why: those of `LEFT_OUT_MODELS`, and those of `STANDARD_ROPE_MODELS` that `covered_standard_rope_model` leaves
-    out on this release. A config with `longrope` or `dynamic` scaling keeps their caches stale across a switch, as
-    upstream does. Models the release does not have are not listed.
-    """
-    import importlib.util
-
-    left_out = {}
-    for module_name in STANDARD_ROPE_MODELS:
-        module, reason = covered_standard_rope_model(module_name)
-        if module is None and "does not have" not in reason:
-            left_out[module_name] = reason
-    for module_name, reason in LEFT_OUT_MODELS.items():
-        if importlib.util.find_spec(f"transformers.models.{module_name}") is not None:
-            left_out[module_name] = reason
-    return dict(sorted(left_out.items()))
-
-
-def standard_rope_model_bindings(
-    stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute
-) -> list[Binding]:
-    """Bindings for the models of `STANDARD_ROPE_MODELS` that the installed release has and the patches cover there
-    (`covered_standard_rope_model`)."""
-    bindings = []
-    for module_name, prefix in STANDARD_ROPE_MODELS.items():
-        module, _ = covered_standard_rope_model(module_name)
-        if module is None:
-            continue
-        bindings.append(_standard_rotary_binding(getattr(module, f"{prefix}RotaryEmbedding")))
-        if _tracks_any_cache(stale_cache_policy):
-            decoder, causal_lm = getattr(module, f"{prefix}Model"), getattr(module, f"{prefix}ForCausalLM")
-            bindings += cache_bindings(decoder, causal_lm, upstream_attribute)
-    return bindings
-
-
-def phimoe_bindings(stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute) -> list[Binding]:
-    """
-    Bindings for PhiMoE, whose rotary embedding took two shapes:
+    PhiMoE's rotary `forward`, which took two shapes:
 
     - 4.46 to 4.57: `forward(x, seq_len)` builds a table for the batch's first `seq_len` positions, choosing the
       factors by `seq_len` with a device->host synchronisation (and, before 4.51, one token early). It is called
@@ -547,13 +335,6 @@ def phimoe_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upst
     - 5.x: `forward(x, position_ids)` recomputes the short frequencies at every call, so it never switches to the
       long ones, and picks its scale with a device->host synchronisation.
     """
-    try:
-        from transformers.models.phimoe import modeling_phimoe
-    except ImportError:
-        return []
-    rotary_embedding = modeling_phimoe.PhimoeRotaryEmbedding
-    rotary_forward = upstream_attribute(rotary_embedding, "forward")
-    frequencies_per_row = "position_ids" in inspect.signature(rotary_forward).parameters
     if frequencies_per_row:
         from modeling_overrides.models.phimoe import modeling_phimoe as phimoe_overrides
 
@@ -564,23 +345,97 @@ def phimoe_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upst
 
         expected_parameters = ["self", "x", "seq_len"]
         fingerprint = ("self.rope_init_fn(self.config, x.device, seq_len)", "long_mscale", "torch.arange(seq_len")
-    rotary_binding = Binding(
+    return Binding(
         name="PhimoeRotaryEmbedding.forward",
-        owner=rotary_embedding,
+        owner=modeling_phimoe.PhimoeRotaryEmbedding,
         attribute="forward",
         replacement=lambda original: phimoe_overrides.PhimoeRotaryEmbedding.forward,
         check=all_checks(expect_parameters(expected_parameters), expect_source(*fingerprint)),
     )
-    bindings = [rotary_binding]
-    if _tracks_any_cache(stale_cache_policy):
-        bindings += cache_bindings(
-            modeling_phimoe.PhimoeModel, modeling_phimoe.PhimoeForCausalLM, upstream_attribute, frequencies_per_row
-        )
+
+
+def _modeling_module(module_name: str):
+    import importlib
+
+    return importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+
+
+def covered_model(module_name: str):
+    """
+    `(module, None)`, the installed release's modeling module of `module_name` (a model of `coverage.MODELS`) when
+    the patches cover it there, or `(None, why not)`: the release does not have the model (or not its rotary
+    embedding, decoder and causal LM), or `coverage.model_exclusion` leaves it out.
+    """
+    import transformers
+
+    prefix = MODELS[module_name].prefix
+    release = transformers.__version__
+    try:
+        module = _modeling_module(module_name)
+    except ImportError:
+        return None, f"transformers {release} does not have {module_name}"
+    missing = [prefix + suffix for suffix in MODEL_CLASS_SUFFIXES if not hasattr(module, prefix + suffix)]
+    if missing:
+        return None, f"transformers {release} has no {', '.join(missing)}"
+    own_caches = [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and name.endswith("Cache") and value.__module__ == module.__name__
+    ]
+    rotary_init_source = _source(getattr(module, f"{prefix}RotaryEmbedding").__init__)
+    reason = model_exclusion(module_name, release, rotary_init_source, own_caches)
+    return (None, reason) if reason is not None else (module, None)
+
+
+def left_out_models() -> dict[str, str]:
+    """
+    The models of the installed release that have a standard-looking rotary embedding but are not protected, with
+    why: those of `coverage.LEFT_OUT_MODELS`, and those of `coverage.MODELS` that `covered_model` leaves out on this
+    release. A config with `longrope` or `dynamic` scaling keeps their caches stale across a switch, as upstream does.
+    Models the release does not have are not listed.
+    """
+    import importlib.util
+
+    left_out = {}
+    for module_name in MODELS:
+        module, reason = covered_model(module_name)
+        if module is None and "does not have" not in reason:
+            left_out[module_name] = reason
+    for module_name, reason in LEFT_OUT_MODELS.items():
+        if importlib.util.find_spec(f"transformers.models.{module_name}") is not None:
+            left_out[module_name] = reason
+    return dict(sorted(left_out.items()))
+
+
+def _rotary_bindings(module, model: Model, upstream_attribute: UpstreamAttribute) -> tuple[list[Binding], bool]:
+    """A covered model's rotary bindings, and whether its rotary embedding rotates each row by its own positions."""
+    rotary_embedding = getattr(module, f"{model.prefix}RotaryEmbedding")
+    if model.rotary == PHI3_ROTARY:
+        return phi3_rotary_bindings(module), True
+    if model.rotary == PHIMOE_ROTARY:
+        rotary_forward = upstream_attribute(rotary_embedding, "forward")
+        per_row = rotates_per_row(list(inspect.signature(inspect.unwrap(rotary_forward)).parameters))
+        return [_phimoe_rotary_binding(module, per_row)], per_row
+    return [_standard_rotary_binding(rotary_embedding)], True
+
+
+def model_bindings(stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute) -> list[Binding]:
+    """
+    Bindings for every model of `coverage.MODELS` that the installed release has and the patches cover there
+    (`covered_model`): its rotary embedding and, unless every cache is ignored, its decoder, causal LM and generation.
+    """
+    bindings = []
+    for module_name, model in MODELS.items():
+        module, _ = covered_model(module_name)
+        if module is None:
+            continue
+        rotary_bindings, frequencies_per_row = _rotary_bindings(module, model, upstream_attribute)
+        bindings += rotary_bindings
+        if _tracks_any_cache(stale_cache_policy):
+            decoder, causal_lm = getattr(module, f"{model.prefix}Model"), getattr(module, f"{model.prefix}ForCausalLM")
+            bindings += cache_bindings(decoder, causal_lm, upstream_attribute, frequencies_per_row)
     return bindings
 
-
-CONSISTENT_DECODING_MODELS = ("llama", "mistral", "qwen2", "phi3", "phimoe", "phi4_multimodal")
-"""Models whose attention `consistent=True` makes batch-invariant: the Llama and Phi-3 families."""
 
 EAGER_ATTENTION_PARAMETERS = ["module", "query", "key", "value", "attention_mask", "scaling", "dropout", "kwargs"]
 
@@ -602,14 +457,13 @@ def consistent_decoding_bindings() -> list[Binding]:
     Llama and Phi-3 families (requested as `"eager"` or `"sdpa"`) over fixed query tiles and key blocks. Empty when
     the installed release does not share attention functions through `ALL_ATTENTION_FUNCTIONS` (before 4.48).
     """
-    import importlib
 
     from modeling_overrides.integrations import consistent_decoding
 
     bindings = []
-    for module_name in CONSISTENT_DECODING_MODELS:
+    for module_name in (name for name, model in MODELS.items() if model.consistent):
         try:
-            module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+            module = _modeling_module(module_name)
         except ImportError:
             continue
         if not hasattr(module, "eager_attention_forward") or not hasattr(module, "ALL_ATTENTION_FUNCTIONS"):
@@ -658,11 +512,7 @@ def all_bindings(
             `None` when the class only inherits it.
         consistent: add the bindings of `consistent_decoding_bindings`.
     """
-    bindings = [
-        *phi3_bindings(stale_cache_policy, upstream_attribute),
-        *phimoe_bindings(stale_cache_policy, upstream_attribute),
-        *standard_rope_model_bindings(stale_cache_policy, upstream_attribute),
-    ]
+    bindings = model_bindings(stale_cache_policy, upstream_attribute)
     if consistent:
         bindings += consistent_decoding_bindings()
     return bindings

@@ -13,6 +13,8 @@ from packaging.version import Version
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
 
+from .coverage import MODELS
+
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 
@@ -115,7 +117,7 @@ def tiny_llama_config(
     **overrides,
 ) -> LlamaConfig:
     """
-    A two-layer Llama config (or one of `config_class`, a model of `patches.targets.STANDARD_ROPE_MODELS`) with a
+    A two-layer Llama config (or one of `config_class`, a model of `patches.coverage.MODELS`) with a
     sequence-dependent RoPE. `longrope`: short factors up to `switch_point` tokens, long ones beyond (one per pair of
     the `rotary_dim` rotated dimensions). `dynamic`: NTK scaling past `max_position_embeddings = switch_point`.
     `extra_rope_parameters` go with the RoPE settings (`rope_parameters`, or `rope_scaling` before 5.0, whose type is
@@ -260,7 +262,7 @@ TINY_EXTRA_SETTINGS = {
     "query_pre_attn_scalar": 8,
     "kv_channels": 8,
 }
-"""Small settings for what some configs of `patches.targets.STANDARD_ROPE_MODELS` add to `TINY_DECODER` (experts,
+"""Small settings for what some configs of `patches.coverage.MODELS` add to `TINY_DECODER` (experts,
 latent attention, linear-attention layers), each given only to a config that has it."""
 
 TINY_MODEL_SETTINGS = {
@@ -302,10 +304,8 @@ TINY_MODEL_ROPE_TYPE_KEYS = {"olmo": "type", "olmo2": "type", "phi4_multimodal":
 
 
 def _standard_rope_classes(module_name: str) -> tuple[type, type, type]:
-    """The rotary embedding, causal LM and config classes of a model of `STANDARD_ROPE_MODELS`."""
-    from .targets import STANDARD_ROPE_MODELS
-
-    prefix = STANDARD_ROPE_MODELS[module_name]
+    """The rotary embedding, causal LM and config classes of a model of `coverage.MODELS`."""
+    prefix = MODELS[module_name].prefix
     module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
     causal_lm_class = getattr(module, f"{prefix}ForCausalLM")
     return getattr(module, f"{prefix}RotaryEmbedding"), causal_lm_class, causal_lm_class.config_class
@@ -323,7 +323,7 @@ def _rotary_dim(config) -> int:
 
 def tiny_config(module_name: str, rope_type: str = "longrope", attn_implementation: str = "eager", **overrides):
     """
-    A two-layer config of a model of `patches.targets.STANDARD_ROPE_MODELS`, with `TINY_DECODER`'s sizes, a head
+    A two-layer config of a model of `patches.coverage.MODELS`, with `TINY_DECODER`'s sizes, a head
     dimension of 8, the small settings of `TINY_EXTRA_SETTINGS` it has, and the RoPE settings of `tiny_llama_config`
     (`longrope`: short factors up to `SWITCH_POINT` tokens, long ones beyond; `dynamic`: NTK scaling past
     `max_position_embeddings = SWITCH_POINT`). The longrope factors have as many entries as the rotary embedding has
@@ -412,12 +412,3 @@ def tiny_phi4_multimodal_model(seed: int = 0):
     )
     torch.manual_seed(seed)
     return Phi4MultimodalForCausalLM(config).eval()
-
-
-def family_is_installed(family: str) -> bool:
-    """Whether the installed transformers release has the model family (PhiMoE from 4.46, Phi-4-multimodal 4.51)."""
-    try:
-        importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    except ImportError:
-        return False
-    return True

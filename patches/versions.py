@@ -1,9 +1,10 @@
 """
-Which transformers releases the patches are written and tested for.
+Which transformers releases the patches support: the version gate.
 
-The supported range has one source: the transformers line of `requirements.txt` beside this module, which is also
-what `pip install` of the project asks for (pyproject.toml reads that file). It runs from the oldest release of
-`TESTED_VERSIONS` to the minor of the newest one, so a release nobody has tested is refused (see `patches.apply`).
+The releases are those of `patches.coverage.ERAS`: the range runs from the oldest tested release to the minor of the
+newest one (`coverage.supported_requirement()`), so a release nobody has tested is refused (see `patches.apply`).
+`requirements.txt` beside this module states the same range for `pip install` (pyproject.toml reads that file); a test
+keeps the two equal.
 """
 
 from functools import cache
@@ -13,24 +14,26 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from .coverage import NEWEST_TESTED_VERSION, TESTED_VERSIONS, supported_requirement
+
+
+__all__ = [
+    "NEWEST_TESTED_VERSION",
+    "REQUIREMENTS_FILE",
+    "TESTED_VERSIONS",
+    "installed_version",
+    "is_supported",
+    "supported_range",
+    "supported_specifier",
+]
 
 REQUIREMENTS_FILE = Path(__file__).with_name("requirements.txt")
-
-TESTED_VERSIONS = ("4.44.2", "4.46.3", "4.50.3", "4.57.6", "5.23.0", "5.24.0")
-"""Releases the whole test suite runs against (`make test-matrix`), one per era of upstream's longrope code; the
-newest is the one `make test` installs."""
-
-NEWEST_TESTED_VERSION = TESTED_VERSIONS[-1]
 
 
 @cache
 def supported_specifier() -> SpecifierSet:
-    """The transformers releases the patches support, as `requirements.txt` states them."""
-    for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line and Requirement(line).name == "transformers":
-            return Requirement(line).specifier
-    raise RuntimeError(f"{REQUIREMENTS_FILE} has no transformers requirement")
+    """The transformers releases the patches support."""
+    return Requirement(supported_requirement()).specifier
 
 
 def installed_version() -> Version:

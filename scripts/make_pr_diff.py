@@ -5,6 +5,7 @@ transformers source tree, and its description.
     python scripts/make_pr_diff.py                                  # against the installed release, offline
     python scripts/make_pr_diff.py --transformers-src ~/transformers  # against a checkout
     python scripts/make_pr_diff.py --verify                          # also apply it to a copy and run its tests
+    python scripts/make_pr_diff.py --scope phi3                      # the minimal pull request: the Phi-3 family
 """
 
 import argparse
@@ -35,17 +36,23 @@ def main() -> int:
     parser.add_argument(
         "--verify", action="store_true", help="apply the diff to a copy of the tree and run its checks"
     )
+    parser.add_argument(
+        "--scope",
+        default="all",
+        help="`all` (every model the run-time patches cover) or a pull-request family of patches/coverage.py: `phi3`, "
+        "the minimal pull request (the Phi-3 family's files, the shared RoPE update, the new module, its tests)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as workdir:
         tree = args.transformers_src or build_pristine_tree(Path(workdir) / "pristine")
         try:
             release = read_release(tree)
-            plans = make_plan(tree)
-        except UnrecognisedTreeError as error:
+            plans = make_plan(tree, args.scope)
+        except (UnrecognisedTreeError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        texts = planned_texts(tree, plans)
+        texts = planned_texts(tree, plans, args.scope)
         diff = unified_diff(texts)
         verification_lines = None
         if args.verify:
@@ -54,11 +61,12 @@ def main() -> int:
             print("\n".join(verification_lines))
             if not report.ok:
                 print("error: the diff did not verify", file=sys.stderr)
-        description = describe(tree, args.figures, plans, verification_lines)
+        description = describe(tree, args.figures, plans, verification_lines, args.scope)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    diff_path = args.output_dir / f"transformers-{release}.diff"
-    description_path = args.output_dir / f"transformers-{release}.md"
+    name = f"transformers-{release}" + ("" if args.scope == "all" else f"-{args.scope}")
+    diff_path = args.output_dir / f"{name}.diff"
+    description_path = args.output_dir / f"{name}.md"
     diff_path.write_text(diff, encoding="utf-8")
     description_path.write_text(description, encoding="utf-8")
     print(f"{len(changed_paths(texts))} files changed; wrote {diff_path} and {description_path}")

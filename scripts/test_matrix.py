@@ -1,7 +1,7 @@
 """
 Runs the test suite against every transformers release the patches support, each in its own environment.
 
-    python scripts/test_matrix.py                      # every release in patches.versions.TESTED_VERSIONS
+    python scripts/test_matrix.py                      # every release in patches.coverage.TESTED_VERSIONS
     python scripts/test_matrix.py --releases 4.44.2 5.23.0
 
 Each release gets a virtual environment under `.matrix/transformers-<release>/` with that transformers release, its
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from patches.versions import TESTED_VERSIONS  # noqa: E402
+from patches.coverage import TESTED_VERSIONS  # noqa: E402
 
 
 DEV_REQUIREMENTS = REPO_ROOT / "requirements-dev.txt"

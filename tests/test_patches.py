@@ -113,14 +113,14 @@ class PatchesApiTest(unittest.TestCase):
             self.assertIs(snapshot()[key], self.originals[key], key)
 
     def test_status_names_the_models_left_out_and_why(self):
-        from patches.targets import LEFT_OUT_MODELS, STANDARD_ROPE_MODELS
+        from patches.coverage import LEFT_OUT_MODELS, MODELS
 
         status = patches.apply()
         for module_name, reason in status.left_out.items():
             self.assertTrue(reason, module_name)
             self.assertIn(f"left out {module_name} (stale across a switch, as upstream): {reason}", str(status))
-            prefix = STANDARD_ROPE_MODELS.get(module_name)
-            if prefix is not None:  # a covered model left out on this release is not partly patched either
+            if module_name in MODELS:  # a covered model left out on this release is not partly patched either
+                prefix = MODELS[module_name].prefix
                 self.assertEqual([name for name in status.patched if name.startswith(f"{prefix}Model.")], [])
         for module_name in LEFT_OUT_MODELS:
             if importlib.util.find_spec(f"transformers.models.{module_name}") is not None:

@@ -28,6 +28,8 @@ from packaging.version import Version
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
 from patches import versions
+from patches.coverage import MODELS, pull_request_models
+from patches.targets import covered_model
 from upstream_pr.description import describe
 from upstream_pr.diff import build_pristine_tree, planned_texts, unified_diff
 from upstream_pr.plan import (
@@ -182,12 +184,68 @@ class InstalledReleaseDiffTest(unittest.TestCase):
         self.assertEqual(report.tests_returncode, 0, report.tests_summary)
         self.assertRegex(report.tests_summary, r"^\d+ passed")
 
+    def test_changes_the_models_the_run_time_patches_cover_and_those_completely(self):
+        # What the pull request decorates is what `apply()` protects on this release, decoder, causal LM and
+        # generation alike: no model partly
+        decorated = {
+            (edit.class_name, edit.method_name)
+            for plan in self.plans
+            if "/modeling_" in plan.path
+            for edit in plan.edits
+            if type(edit).__name__ in ("AddDecorator", "AddMethod", "ReplaceMethod")
+        }
+        for module_name, model in MODELS.items():
+            module, _ = covered_model(module_name)
+            classes = [f"{model.prefix}Model", f"{model.prefix}ForCausalLM"]
+            with self.subTest(module_name):
+                decorated_forwards = {(name, "forward") for name in classes} & decorated
+                self.assertEqual(len(decorated_forwards), 2 if module is not None else 0, decorated_forwards)
+
     def test_description(self):
         description = describe(self.tree, self.workdir / "no-figures", self.plans)
+        self.assertTrue(description.split("\n")[2].startswith("## Summary"), description[:300])
         self.assertIn("## Problem", description)
         self.assertIn("`src/transformers/models/phi3/modeling_phi3.py`", description)
         self.assertIn("Phi3LongRopeCacheTest", description)
         self.assertIn("make compare-strategies", description)
+
+
+@unittest.skipUnless(MADE_FOR_INSTALLED_RELEASE, "the diff is made for the tested releases only")
+class MinimalScopeDiffTest(unittest.TestCase):
+    """`make diff SCOPE=phi3`: the Phi-3 family's files, the shared RoPE update, the new module and its tests."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = Path(tempfile.mkdtemp(prefix="pr-diff-"))
+        cls.tree = build_pristine_tree(cls.workdir / "pristine")
+        cls.plans = make_plan(cls.tree, "phi3")
+        cls.texts = planned_texts(cls.tree, cls.plans, "phi3")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def test_touches_only_the_phi3_family(self):
+        models = {path.split("/")[-2] for path in self.texts if "/models/" in path}
+        self.assertLessEqual(models, set(pull_request_models("phi3")))
+        self.assertIn("phi3", models)
+        self.assertIn("src/transformers/rope_cache_utils.py", self.texts)
+        self.assertIn("src/transformers/modeling_rope_utils.py", self.texts)
+        self.assertEqual(
+            [path for path in self.texts if path.startswith("tests/")], ["tests/models/phi3/test_modeling_phi3.py"]
+        )
+        self.assertLess(len(self.texts), len(planned_texts(self.tree)))
+
+    def test_verifies(self):
+        report = verify(self.tree, self.workdir, self.texts)
+        self.assertEqual(report.apply_error, "")
+        self.assertEqual(report.modular_problems, [])
+        self.assertEqual(report.new_ruff_findings, [])
+        self.assertEqual(report.tests_returncode, 0, report.tests_summary)
+
+    def test_an_unknown_scope_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "unknown pull-request scope 'gemma'"):
+            make_plan(self.tree, "gemma")
 
 
 class MergeTestModuleTest(unittest.TestCase):

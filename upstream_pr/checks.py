@@ -27,7 +27,7 @@ def _rope_cache_mark(class_node: ast.ClassDef, method_name: str) -> tuple[str, .
     return tuple(name for name in decorator_names(method) if name.split("(")[0] in ROPE_CACHE_DECORATORS)
 
 
-def _modeling_module_of_base(modular: ast.Module) -> dict[str, str]:
+def modeling_origins(modular: ast.Module) -> dict[str, str]:
     """Names imported from other models' modeling files -> that model's directory name."""
     origins = {}
     for node in modular.body:
@@ -61,14 +61,8 @@ def modular_agreement_problems(tree: Path, modeling_paths: list[str]) -> list[st
             continue
         modeling = ast.parse(modeling_path.read_text(encoding="utf-8"))
         modular = ast.parse(modular_path.read_text(encoding="utf-8"))
-        origins = _modeling_module_of_base(modular)
-        parent_prefixes = Counter(
-            (origins[base.id], base.id[: -len(_suffix(base.id))])
-            for node in modular.body
-            if isinstance(node, ast.ClassDef)
-            for base in node.bases
-            if isinstance(base, ast.Name) and base.id in origins and _suffix(base.id) and "PreTrained" not in base.id
-        )
+        origins = modeling_origins(modular)
+        parent_prefixes = parent_model_prefixes(modular, origins)
         for class_node in (node for node in modeling.body if isinstance(node, ast.ClassDef)):
             suffix = _suffix(class_node.name)
             for method_name in CHECKED_METHODS:
@@ -84,14 +78,14 @@ def modular_agreement_problems(tree: Path, modeling_paths: list[str]) -> list[st
                             f"as {modular_mark}"
                         )
                     continue
-                parent = _parent_class(modular_class, origins, parent_prefixes, suffix)
+                parent = parent_class(modular_class, origins, parent_prefixes, suffix)
                 if parent is None:
                     problems.append(f"{relative}: cannot tell where {class_node.name}.{method_name} comes from")
                     continue
                 parent_model, parent_name = parent
                 parent_text = (models_dir / parent_model / f"modeling_{parent_model}.py").read_text(encoding="utf-8")
-                parent_class = find_class(ast.parse(parent_text), parent_name)
-                parent_mark = _rope_cache_mark(parent_class, method_name) if parent_class is not None else None
+                parent_node = find_class(ast.parse(parent_text), parent_name)
+                parent_mark = _rope_cache_mark(parent_node, method_name) if parent_node is not None else None
                 if parent_mark != mark:
                     problems.append(
                         f"{relative}: {class_node.name}.{method_name} is {mark}, but the modular file inherits it "
@@ -100,7 +94,23 @@ def modular_agreement_problems(tree: Path, modeling_paths: list[str]) -> list[st
     return problems
 
 
-def _parent_class(modular_class, origins, parent_prefixes: Counter, suffix: str) -> tuple[str, str] | None:
+def parent_model_prefixes(modular: ast.Module, origins: dict[str, str]) -> Counter:
+    """How often the modular file's classes inherit from each other model's classes: `(model, prefix) -> count`."""
+    return Counter(
+        (origins[base.id], base.id[: -len(_suffix(base.id))])
+        for node in modular.body
+        if isinstance(node, ast.ClassDef)
+        for base in node.bases
+        if isinstance(base, ast.Name) and base.id in origins and _suffix(base.id) and "PreTrained" not in base.id
+    )
+
+
+def parent_class(modular_class, origins, parent_prefixes: Counter, suffix: str) -> tuple[str, str] | None:
+    """
+    `(model, class name)` that a modular file's `suffix` class comes from: a base of `modular_class` imported from
+    another model, or, for a class the modular file does not define (`None`), the converter's implicit copy of the
+    model it inherits from most.
+    """
     if modular_class is not None:
         for base in modular_class.bases:
             if isinstance(base, ast.Name) and base.id in origins and _suffix(base.id) == suffix:

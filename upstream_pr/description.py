@@ -3,9 +3,8 @@
 import csv
 from pathlib import Path
 
-from patches.targets import LEFT_OUT_MODELS
-
-from .plan import make_plan, read_release
+from .plan import make_plan, model_coverage, read_release
+from .pr_tests import pr_test_modules
 
 
 def _strategy_figures(figures_dir: Path) -> list[str]:
@@ -33,21 +32,60 @@ def _strategy_figures(figures_dir: Path) -> list[str]:
     return lines
 
 
+def _summary(release, covered: dict[str, str], scope: str, changed_files: int) -> list[str]:
+    """What a maintainer reads first: the bug, the fix, its reach, and how it is tested, in a minute."""
+    models = ", ".join(f"{prefix}" for prefix in covered.values())
+    reach = (
+        f"the Phi-3 family only ({models}): the smallest change that fixes Phi-3, Phi-3.5 and Phi-4-mini; the same "
+        "decorators extend to every model with the standard rotary embedding in a follow-up"
+        if scope != "all"
+        else f"{len(covered)} models ({models})"
+    )
+    return [
+        "## Summary",
+        "",
+        "- **Bug**: with a longrope or dynamic NTK config, the keys cached before the sequence crosses "
+        "`original_max_position_embeddings` (or `max_position_embeddings`) were rotated with other frequencies than "
+        "those used after it. Only `generate()` on the Phi models drops the cache; hand-written loops, static caches, "
+        "assisted decoding, left-padded batches and every other model decode with stale keys (max |Δlogit| > 1 on a "
+        "tiny Phi-3).",
+        "- **Fix**: the cache records which frequencies its keys were rotated with; a forward pass that needs others "
+        "recomputes it in place (longrope default; a policy chooses `warn`, `raise`, `rerotate` or `ignore`). The "
+        "longrope choice moves to the device, per row.",
+        f"- **Reach**: {reach}; {changed_files} files against transformers {release}, tests included.",
+        "- **Tests**: each decoding path across the switch against the forward pass without cache (fp32, 1e-4).",
+        "",
+    ]
+
+
 def describe(
-    tree: Path, figures_dir: Path, plans: list | None = None, verification_lines: list[str] | None = None
+    tree: Path,
+    figures_dir: Path,
+    plans: list | None = None,
+    verification_lines: list[str] | None = None,
+    scope: str = "all",
 ) -> str:
     """
-    The pull request's description for the transformers source tree `tree`, in Markdown. `plans` is `make_plan(tree)`
-    (made here when not given); `verification_lines` come from `VerificationReport.lines`.
+    The pull request's description for the transformers source tree `tree`, in Markdown, for the pull request of
+    `scope` (see `make_plan`). `plans` is `make_plan(tree, scope)` (made here when not given); `verification_lines`
+    come from `VerificationReport.lines`.
     """
     release = read_release(tree)
-    plans = plans if plans is not None else make_plan(tree)
-    changes = []
-    for file_plan in plans:
-        changes.append(f"- `{file_plan.path}`: " + "; ".join(file_plan.describe()))
+    plans = plans if plans is not None else make_plan(tree, scope)
+    covered, left_out = model_coverage(tree / "src" / "transformers" / "models", release, scope)
+    test_files = pr_test_modules(release, scope)
+    changes = [f"- `{file_plan.path}`: " + "; ".join(file_plan.describe()) for file_plan in plans]
+    left_out_lines = [
+        "Models with a standard-looking rotary embedding left as they are (their caches stay stale across a switch, "
+        "as today), and why:",
+        "",
+        *(f"- `{module_name}`: {reason}" for module_name, reason in left_out.items()),
+        "",
+    ]
     sections = [
         "# Keep the KV cache consistent when RoPE frequencies depend on the sequence length",
         "",
+        *_summary(release, covered, scope, len(plans) + len(test_files)),
         "## Problem",
         "",
         "LongRoPE models (Phi-3, Phi-3.5, Phi-4-mini, PhiMoE, Phi-4-multimodal, and any model configured with "
@@ -72,23 +110,14 @@ def describe(
         "(causal LM `forward`) splits a chunk whose logits straddle the switch. `check_rope_cache_in_generation` "
         "replaces the cache drop in `generate()` on every path, eagerly, so compiled forward passes never recompute.",
         "",
-        f"Files ({len(plans) + 2} with the tests), against transformers {release}:",
+        f"Files ({len(plans) + len(test_files)} with the tests), against transformers {release}:",
         "",
         *changes,
         "",
-        "Models with a standard-looking rotary embedding left as they are (their caches stay stale across a switch, "
-        "as today), and why:",
-        "",
-        *(f"- `{module_name}`: {reason}" for module_name, reason in sorted(LEFT_OUT_MODELS.items())),
-        "",
+        *(left_out_lines if left_out else []),
         "## Tests",
         "",
-        "- `tests/models/phi3/test_modeling_phi3.py`, `Phi3LongRopeCacheTest`: hand-written loops (dynamic and static "
-        "cache, 3-token chunks), `generate()` greedy and prompt lookup, and a left-padded batch (each row against that "
-        "row alone) across the switch, against the forward pass without cache (fp32, tolerance 1e-4; the rounding "
-        "noise on the tiny model is ~1e-5, a stale cache gives > 1).",
-        "- `tests/models/llama/test_modeling_llama.py`, `LlamaSequenceDependentRopeCacheTest`: longrope and dynamic "
-        "NTK in a hand-written loop, longrope in `generate()`.",
+        *(PR_TEST_DESCRIPTIONS[path] for path in test_files),
         "",
         "## Measured",
         "",
@@ -101,3 +130,14 @@ def describe(
     if verification_lines:
         sections += ["## Verified", "", *verification_lines, ""]
     return "\n".join(sections)
+
+
+PR_TEST_DESCRIPTIONS = {
+    "tests/models/phi3/test_modeling_phi3.py": "- `tests/models/phi3/test_modeling_phi3.py`, `Phi3LongRopeCacheTest`: "
+    "hand-written loops (dynamic and static cache, 3-token chunks), `generate()` greedy and prompt lookup, and a "
+    "left-padded batch (each row against that row alone) across the switch, against the forward pass without cache "
+    "(fp32, tolerance 1e-4; the rounding noise on the tiny model is ~1e-5, a stale cache gives > 1).",
+    "tests/models/llama/test_modeling_llama.py": "- `tests/models/llama/test_modeling_llama.py`, "
+    "`LlamaSequenceDependentRopeCacheTest`: longrope and dynamic NTK in a hand-written loop, longrope in `generate()`.",
+}
+"""What each test module the pull request adds checks (see `pr_tests`)."""

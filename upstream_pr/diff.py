@@ -22,16 +22,18 @@ def build_pristine_tree(destination: Path) -> Path:
     return destination
 
 
-def planned_texts(tree: Path, plans: list[FilePlan] | None = None) -> dict[str, tuple[str | None, str]]:
+def planned_texts(
+    tree: Path, plans: list[FilePlan] | None = None, scope: str = "all"
+) -> dict[str, tuple[str | None, str]]:
     """
-    Every file the pull request changes in `tree`: `{path: (text before or None for a new file, text after)}`,
-    sorted by path. The model code comes from `plans` (`make_plan(tree)` when not given), the tests from `pr_tests`,
-    written for the tree's release.
+    Every file the pull request of `scope` changes in `tree`: `{path: (text before or None for a new file, text
+    after)}`, sorted by path. The model code comes from `plans` (`make_plan(tree, scope)` when not given), the tests
+    from `pr_tests`, written for the tree's release.
     """
     texts = {}
-    for file_plan in plans if plans is not None else make_plan(tree):
+    for file_plan in plans if plans is not None else make_plan(tree, scope):
         texts[file_plan.path] = _apply(tree, file_plan)
-    for relative, module_text in pr_test_modules(read_release(tree)).items():
+    for relative, module_text in pr_test_modules(read_release(tree), scope).items():
         path = tree / relative
         before = path.read_text(encoding="utf-8") if path.is_file() else None
         texts[relative] = (before, merge_test_module(before, module_text))

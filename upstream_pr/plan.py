@@ -1,12 +1,13 @@
 """
 What an upstream pull request changes in a transformers source tree, read from `modeling_overrides/`.
 
-The plan is made for the tree it is given, by reading it: the shared RoPE utilities get the frequency updates of
-`modeling_overrides/modeling_rope_utils.py`, a new `rope_cache_utils.py` is `modeling_overrides/rope_cache_utils.py`,
-and every model class that carries a copy of a decoder or causal LM `forward` of the covered models (in its modeling
-file, and in its modular file where that defines it) gets the decorators, the checked `prepare_inputs_for_generation`
-and, for PhiMoE, its rotary `forward`. A copy is recognised as upstream's "Copied from" check does: the same source
-once the model's name is replaced.
+The plan is made for the tree it is given, by reading it, and covers what the run-time patches cover there: both read
+`patches/coverage.py` (the tree's era is recognised from its Phi-3 modeling file, as the patches recognise the
+installed one). The shared RoPE utilities get the frequency updates of `modeling_overrides/modeling_rope_utils.py`, a
+new `rope_cache_utils.py` is `modeling_overrides/rope_cache_utils.py`, and every covered model gets the decorators on
+its decoder's and causal LM's `forward` and the checked `prepare_inputs_for_generation` (in its modeling file, and in
+its modular file where that defines them), and, for PhiMoE, its rotary `forward`. A scope (`"phi3"`) keeps the models
+of one `pull_request_family`: the minimal pull request.
 """
 
 import ast
@@ -18,9 +19,21 @@ from packaging.version import Version
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
 from patches import versions
-from patches.targets import STANDARD_ROPE_MODELS, standard_rope_model_exclusion
+from patches.coverage import (
+    LEFT_OUT_MODELS,
+    MODEL_CLASS_SUFFIXES,
+    MODELS,
+    Era,
+    UnrecognisedEraError,
+    model_exclusion,
+    pull_request_models,
+    recognise_era,
+    rotates_per_row,
+)
 
+from .checks import modeling_origins, parent_class, parent_model_prefixes
 from .source_edits import (
+    AddClass,
     AddDecorator,
     AddImportFrom,
     AddMethod,
@@ -51,18 +64,6 @@ and from 4.45 its causal LM warns at the switch: both get the code of
 PHI3_V4_46 = OVERRIDES / "models" / "phi3" / "modeling_phi3_v4_46.py"
 V4_46_SWITCH_WARNING = "you may encounter nonsensical outputs"
 """What the switch warning of Phi-3's causal LM `forward` says (4.45 to 4.47)."""
-
-COVERED_MODELS = {
-    "phi3": "Phi3",
-    "phimoe": "Phimoe",
-    "phi4_multimodal": "Phi4Multimodal",
-    "llama": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-}
-"""The models whose decoder and causal LM `forward` define the copies: the Phi models, and Llama, Mistral and Qwen2
-(`patches/targets.py`). A copy is changed where it stands in a model the run-time patches cover (`_covered_models`):
-one of these, or of `patches.targets.STANDARD_ROPE_MODELS`."""
 
 ROPE_UTILITY_FUNCTIONS = (
     "get_rope_type",
@@ -118,6 +119,8 @@ def _describe_edit(edit) -> str:
         return f"`{edit.class_name}.forward`: its frequency update moves to `@{edit.decorator}`"
     if isinstance(edit, RemoveMethod):
         return f"`{edit.class_name}.{edit.method_name}`: removed (now in `modeling_rope_utils`)"
+    if isinstance(edit, AddClass):
+        return f"`{edit.class_name}`: defined, to decorate its `forward` (the converter expands it)"
     if isinstance(edit, AddMethod):
         return f"`{edit.class_name}.{edit.method_name}`: checked generic version"
     return f"`{edit.class_name}.{edit.method_name}`: replaced"
@@ -188,7 +191,7 @@ def _model_prefix(class_name: str, suffix: str) -> str | None:
 
 @dataclass(frozen=True)
 class _Role:
-    """A method the pull request changes wherever a copy of it stands: the class suffix, and the decorator it gets."""
+    """A `forward` the pull request decorates in every covered model: its class suffix, and the decorator."""
 
     class_suffix: str
     decorator: str
@@ -198,43 +201,36 @@ DECODER_FORWARD = _Role("Model", rope_cache_utils.check_rope_cache.__name__)
 CAUSAL_LM_FORWARD = _Role("ForCausalLM", rope_cache_utils.split_at_rope_switch.__name__)
 
 
-def _reference_forwards(models_dir: Path, role: _Role) -> set[str]:
-    """The normalized `forward` of `role`'s class in each covered model: what a copy looks like."""
-    references = set()
-    for module_name, prefix in COVERED_MODELS.items():
-        path = models_dir / module_name / f"modeling_{module_name}.py"
+def model_coverage(models_dir: Path, release: Version, scope: str = "all") -> tuple[dict[str, str], dict[str, str]]:
+    """
+    `(covered, left out)`: the models of the tree whose code the pull request of `scope` changes, with their class
+    prefixes (those of `scope` that the tree has and the run-time patches cover on its release, `model_exclusion`
+    read from the tree's modeling file), and the models it leaves as they are, stale caches included, with why (those
+    of `scope` that `model_exclusion` leaves out, and, for every model, those of `LEFT_OUT_MODELS` the tree has).
+    """
+    covered, left_out = {}, {}
+    for name in pull_request_models(scope):
+        prefix = MODELS[name].prefix
+        path = models_dir / name / f"modeling_{name}.py"
         if not path.is_file():
             continue
         text = path.read_text(encoding="utf-8")
-        class_node = find_class(ast.parse(text), prefix + role.class_suffix)
-        forward = find_function(class_node.body, "forward") if class_node is not None else None
-        if forward is not None:
-            references.add(normalized(_method_text(text, forward), prefix))
-    return references
-
-
-def _covered_models(models_dir: Path, release: Version) -> set[str]:
-    """
-    The models of the tree whose copies the pull request changes: those of `COVERED_MODELS`, and those of
-    `STANDARD_ROPE_MODELS` that the run-time patches cover on the tree's release (`standard_rope_model_exclusion`, read
-    from the tree's modeling file). A model the patches leave out keeps its code, stale cache included.
-    """
-    covered = {name for name in COVERED_MODELS if (models_dir / name).is_dir()}
-    for name, prefix in STANDARD_ROPE_MODELS.items():
-        path = models_dir / name / f"modeling_{name}.py"
-        if name in covered or not path.is_file():
-            continue
-        text = path.read_text(encoding="utf-8")
-        tree = ast.parse(text)
-        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-        if not all(f"{prefix}{suffix}" in classes for suffix in ("RotaryEmbedding", "Model", "ForCausalLM")):
+        classes = {node.name: node for node in ast.parse(text).body if isinstance(node, ast.ClassDef)}
+        missing = [prefix + suffix for suffix in MODEL_CLASS_SUFFIXES if prefix + suffix not in classes]
+        if missing:
+            left_out[name] = f"transformers {release} has no {', '.join(missing)}"
             continue
         init = find_function(classes[f"{prefix}RotaryEmbedding"].body, "__init__")
         init_source = _method_text(text, init) if init is not None else ""
         own_caches = [class_name for class_name in classes if class_name.endswith("Cache")]
-        if standard_rope_model_exclusion(name, str(release), init_source, own_caches) is None:
-            covered.add(name)
-    return covered
+        reason = model_exclusion(name, str(release), init_source, own_caches)
+        if reason is None:
+            covered[name] = prefix
+        else:
+            left_out[name] = reason
+    if scope == "all":
+        left_out.update({name: why for name, why in LEFT_OUT_MODELS.items() if (models_dir / name).is_dir()})
+    return covered, dict(sorted(left_out.items()))
 
 
 def _model_files(models_dir: Path) -> list[Path]:
@@ -255,13 +251,13 @@ def _checked_generation_source(batch_wide: bool) -> str:
     return member_source(path, class_name, "prepare_inputs_for_generation")
 
 
-def _generation_edit(text: str, class_node: ast.ClassDef, is_modular: bool, batch_wide: bool = False):
-    """How a causal LM whose `forward` is a copy gets the checked `prepare_inputs_for_generation`."""
+def _generation_edit(text: str, class_node: ast.ClassDef, inherits_decorated: bool, batch_wide: bool = False):
+    """How a covered causal LM gets the checked `prepare_inputs_for_generation`."""
     checked_generation = _checked_generation_source(batch_wide)
     own = find_function(class_node.body, "prepare_inputs_for_generation")
     if own is None:
-        # A modular file inherits it from the parent class, which the converter copies with the rest
-        if is_modular:
+        # A modular class inheriting from a covered model's: the converter copies the parent's checked one
+        if inherits_decorated:
             return None
         return AddMethod(class_node.name, "prepare_inputs_for_generation", checked_generation, after="forward")
     if drops_cache_at_switch(_method_text(text, own)):
@@ -278,14 +274,13 @@ def _decorator(name: str, batch_wide: bool) -> str:
 
 def _rotates_batch_wide(tree: ast.Module) -> bool:
     """
-    Whether the file's rotary embedding builds one table for the batch (`forward(x, seq_len)`, without positions:
-    PhiMoE before 5.0) rather than rotating each row by its positions: its cache checks then follow the whole batch.
+    Whether the file's rotary embedding builds one table for the batch rather than rotating each row by its positions
+    (`coverage.rotates_per_row`, as the run-time patches decide): its cache checks then follow the whole batch.
     """
     for class_node in (node for node in tree.body if isinstance(node, ast.ClassDef)):
         forward = find_function(class_node.body, "forward")
         if class_node.name.endswith("RotaryEmbedding") and forward is not None:
-            parameters = [argument.arg for argument in forward.args.args]
-            if "seq_len" in parameters and "position_ids" not in parameters:
+            if not rotates_per_row([argument.arg for argument in forward.args.args]):
                 return True
     return False
 
@@ -379,29 +374,131 @@ def _phi3_v4_46_edits(class_node: ast.ClassDef, text: str) -> list:
     return []
 
 
+SUPER_KWARGS_FORWARD = """\
+@{decorator}
+def forward(self, **super_kwargs):
+    return super().forward(**super_kwargs)
+"""
+"""A modular class's `forward` that the converter expands to its parent's, with the decorator on it."""
+
+SUPER_KWARGS_CLASS = """\
+class {name}({parent}):
+    @{decorator}
+    def forward(self, **super_kwargs):
+        return super().forward(**super_kwargs)
+"""
+"""A class a modular file did not define (the converter copied it from the parent model), defined to decorate its
+`forward` where the parent model is left out."""
+
+
+def _implicit_class_edits(tree: ast.Module, origins: dict[str, str], prefix: str, covered: set[str]) -> list:
+    """
+    For a covered model's modular file: its decoder or causal LM that the file does not define, copied by the
+    converter from a model the pull request leaves as it is (a minimal scope), defined with a decorated `forward`.
+    """
+    edits = []
+    defined = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    parent_prefixes = parent_model_prefixes(tree, origins)
+    for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD):
+        name = prefix + role.class_suffix
+        parent = parent_class(None, origins, parent_prefixes, role.class_suffix)
+        if name in defined or parent is None or parent[0] in covered:
+            continue
+        parent_model, parent_name = parent
+        decorator = role.decorator
+        source = SUPER_KWARGS_CLASS.format(name=name, parent=parent_name, decorator=decorator)
+        edits += [
+            AddClass(name, source, before=f"{prefix}ForCausalLM"),
+            AddImportFrom(2, f"{parent_model}.modeling_{parent_model}", (parent_name,)),
+            AddImportFrom(3, "rope_cache_utils", (decorator,)),
+        ]
+    return edits
+
+
+def _parent_model(class_node: ast.ClassDef, origins: dict[str, str], suffix: str) -> str | None:
+    """The model a modular class inherits its `suffix` class from (`from ..llama.modeling_llama import ...`)."""
+    return next(
+        (
+            origins[base.id]
+            for base in class_node.bases
+            if isinstance(base, ast.Name) and base.id.endswith(suffix) and base.id in origins
+        ),
+        None,
+    )
+
+
+def _decorated_forwards(
+    text: str,
+    class_node: ast.ClassDef,
+    prefix: str,
+    batch_wide: bool,
+    origins: dict[str, str] | None,
+    covered: set[str],
+) -> tuple[list, set[str], bool]:
+    """
+    The decorators a covered model's decoder or causal LM (`class_node`, of the model `prefix`) gets on its `forward`
+    and, for the causal LM, its checked `prepare_inputs_for_generation`: `(edits, decorators imported, whether
+    `GenerationMixin` is needed)`. In a modular file (`origins`: the other models' classes it imports), a class that
+    inherits from a covered model gets nothing it does not define (the converter copies the decorated parent's); one
+    that inherits from a model left out gets a `forward` the converter expands, decorated.
+    """
+    edits, imported, needs_generation_mixin = [], set(), False
+    roles = (DECODER_FORWARD, CAUSAL_LM_FORWARD)
+    role = next((role for role in roles if class_node.name == prefix + role.class_suffix), None)
+    if role is None:
+        return edits, imported, needs_generation_mixin
+    parent = _parent_model(class_node, origins, role.class_suffix) if origins is not None else None
+    inherits_decorated = parent is not None and parent in covered
+    decorator = _decorator(role.decorator, batch_wide)
+    if find_function(class_node.body, "forward") is not None:
+        edits.append(AddDecorator(class_node.name, "forward", decorator))
+    elif parent is not None and not inherits_decorated:
+        edits.append(AddMethod(class_node.name, "forward", SUPER_KWARGS_FORWARD.format(decorator=decorator), None))
+    elif not inherits_decorated:
+        raise UnrecognisedTreeError(f"{class_node.name} defines no `forward` here: nothing to decorate")
+    if edits:
+        imported.add(role.decorator)
+    if role is CAUSAL_LM_FORWARD:
+        own_generation = find_function(class_node.body, "prepare_inputs_for_generation")
+        if edits or (own_generation is not None and drops_cache_at_switch(_method_text(text, own_generation))):
+            generation_edit = _generation_edit(text, class_node, inherits_decorated, batch_wide)
+            if generation_edit is not None:
+                edits.append(generation_edit)
+                imported.add("check_rope_cache_in_generation")
+                needs_generation_mixin = not isinstance(generation_edit, AddDecorator)
+    return edits, imported, needs_generation_mixin
+
+
+def _phimoe_rotary_edits(class_node: ast.ClassDef, batch_wide: bool) -> list:
+    """PhiMoE's rotary `forward`, the only one that does not rotate with the `inv_freq` the update sets (from 5.0),
+    or that builds a table for the batch (before): replaced by the one of `modeling_overrides`."""
+    if class_node.name != "PhimoeRotaryEmbedding" or find_function(class_node.body, "forward") is None:
+        return []
+    override_module = "modeling_phimoe_v4_57.py" if batch_wide else "modeling_phimoe.py"
+    override = member_source(OVERRIDES / "models" / "phimoe" / override_module, class_node.name, "forward")
+    imported = "get_longrope_switch_point" if batch_wide else "dynamic_rope_update"
+    return [ReplaceMethod(class_node.name, "forward", override), AddImportFrom(3, "modeling_rope_utils", (imported,))]
+
+
 def _model_file_plan(
     path: Path,
     relative: str,
-    references: dict[_Role, set[str]],
-    modeling_plan: FilePlan | None = None,
+    prefix: str | None,
+    covered: set[str],
     standard_dynamic_update: str | None = None,
-    covered: bool = True,
+    phi3_v4_46: bool = False,
 ) -> FilePlan | None:
     """
-    The edits of a modeling or modular file. A modular file also gets, on the methods it defines, the decorators its
-    generated modeling file got (the converter rewrites code, so the modular copy may not read like the original).
-    Those and the checked `prepare_inputs_for_generation` go only to a model the run-time patches cover (`covered`).
+    The edits of a modeling or modular file. The decorators and the checked `prepare_inputs_for_generation` go only to
+    a model the run-time patches cover (`prefix`, its class prefix; `None` for any other model). In a modular file
+    they go on the methods it defines; the converter copies the others from their parent.
     `standard_dynamic_update` is set for trees whose rotary embeddings update their own frequencies (before 4.51):
-    their updates move to `dynamic_rope_update` (see `_rotary_update_edits`).
+    their updates move to `dynamic_rope_update` (see `_rotary_update_edits`). `phi3_v4_46` is set for the era whose
+    Phi-3 code `modeling_phi3_v4_46.py` replaces.
     """
     text = path.read_text(encoding="utf-8")
     tree = ast.parse(text)
-    is_modular = path.name.startswith("modular_")
-    decorated_in_modeling = {
-        (edit.class_name, edit.method_name)
-        for edit in (modeling_plan.edits if modeling_plan is not None else [])
-        if isinstance(edit, AddDecorator) and edit.method_name == "forward"
-    }
+    origins = modeling_origins(tree) if path.name.startswith("modular_") else None
     batch_wide = _rotates_batch_wide(tree)
     edits, imported, needs_generation_mixin = [], set(), False
     for class_node in (node for node in tree.body if isinstance(node, ast.ClassDef)):
@@ -410,45 +507,18 @@ def _model_file_plan(
             if rotary_edits:
                 edits += rotary_edits
                 edits.append(AddImportFrom(3, "modeling_rope_utils", ("dynamic_rope_update",)))
-        if path.name == "modeling_phi3.py":
+        if phi3_v4_46 and path.name == "modeling_phi3.py":
             edits += _phi3_v4_46_edits(class_node, text)
-        for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD) if covered else ():
-            prefix = _model_prefix(class_node.name, role.class_suffix)
-            forward = find_function(class_node.body, "forward")
-            if prefix is None or forward is None:
-                continue
-            is_copy = normalized(_method_text(text, forward), prefix) in references[role]
-            if not is_copy and (class_node.name, "forward") not in decorated_in_modeling:
-                continue
-            edits.append(AddDecorator(class_node.name, "forward", _decorator(role.decorator, batch_wide)))
-            imported.add(role.decorator)
-            if role is CAUSAL_LM_FORWARD:
-                generation_edit = _generation_edit(text, class_node, is_modular, batch_wide)
-                if generation_edit is not None:
-                    edits.append(generation_edit)
-                    imported.add("check_rope_cache_in_generation")
-                    needs_generation_mixin |= not isinstance(generation_edit, AddDecorator)
-        own_generation = find_function(class_node.body, "prepare_inputs_for_generation")
-        if (
-            covered
-            and own_generation is not None
-            and not any(getattr(edit, "class_name", None) == class_node.name for edit in edits)
-            and drops_cache_at_switch(_method_text(text, own_generation))
-        ):
-            # A modular class that inherits its `forward` but defines upstream's drop of the cache
-            edits.append(_generation_edit(text, class_node, is_modular, batch_wide))
-            imported.add("check_rope_cache_in_generation")
-            needs_generation_mixin = True
-        if class_node.name == "PhimoeRotaryEmbedding" and find_function(class_node.body, "forward") is not None:
-            # The only rotary `forward` that does not rotate with the `inv_freq` the update sets (from 5.0), or that
-            # builds a table for the batch (before)
-            override_module = "modeling_phimoe_v4_57.py" if batch_wide else "modeling_phimoe.py"
-            override = member_source(OVERRIDES / "models" / "phimoe" / override_module, class_node.name, "forward")
-            edits.append(ReplaceMethod(class_node.name, "forward", override))
-            if not batch_wide:
-                edits.append(AddImportFrom(3, "modeling_rope_utils", ("dynamic_rope_update",)))
-            else:
-                edits.append(AddImportFrom(3, "modeling_rope_utils", ("get_longrope_switch_point",)))
+        if prefix is not None:
+            class_edits, class_imports, class_needs_mixin = _decorated_forwards(
+                text, class_node, prefix, batch_wide, origins, covered
+            )
+            edits += class_edits
+            imported |= class_imports
+            needs_generation_mixin |= class_needs_mixin
+            edits += _phimoe_rotary_edits(class_node, batch_wide)
+    if prefix is not None and origins is not None:
+        edits += _implicit_class_edits(tree, origins, prefix, covered)
     if not edits:
         return None
     if needs_generation_mixin:
@@ -574,9 +644,37 @@ def _unquoted_annotations(text: str) -> str:
     return "".join(lines)
 
 
-def make_plan(tree: Path) -> list[FilePlan]:
+def _tree_era(models_dir: Path, release: Version) -> Era:
+    """The era of the tree's code, recognised from its Phi-3 modeling file as the run-time patches recognise it."""
+    try:
+        return recognise_era((models_dir / "phi3" / "modeling_phi3.py").read_text(encoding="utf-8"), str(release))
+    except (OSError, UnrecognisedEraError) as error:
+        raise UnrecognisedTreeError(str(error)) from error
+
+
+def _check_every_covered_model_is_decorated(plans: list[FilePlan], covered: dict[str, str]) -> None:
+    """Each covered model's decoder and causal LM `forward` are decorated in its modeling file: none partly."""
+    decorated = {
+        (plan.path.rsplit("/", 1)[-1], edit.class_name)
+        for plan in plans
+        for edit in plan.edits
+        if isinstance(edit, AddDecorator) and edit.method_name == "forward"
+    }
+    missing = [
+        f"{prefix}{role.class_suffix}"
+        for name, prefix in covered.items()
+        for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD)
+        if (f"modeling_{name}.py", f"{prefix}{role.class_suffix}") not in decorated
+    ]
+    if missing:
+        raise UnrecognisedTreeError(f"the covered forward passes of {missing} are not decorated")
+
+
+def make_plan(tree: Path, scope: str = "all") -> list[FilePlan]:
     """
-    The files a pull request changes in the transformers source tree `tree`, and how.
+    The files a pull request changes in the transformers source tree `tree`, and how. `scope` is `"all"`, every model
+    the run-time patches cover, or a `pull_request_family` of `patches.coverage.MODELS` (`"phi3"`: the minimal pull
+    request, the Phi-3 family's files with the shared RoPE update and the new module).
 
     Raises:
         UnrecognisedTreeError: `tree` is not a transformers source tree of a release in `SUPPORTED_RELEASES`, or its
@@ -590,33 +688,26 @@ def make_plan(tree: Path) -> list[FilePlan]:
             f"{', '.join(versions.TESTED_VERSIONS)})."
         )
     models_dir = tree / "src" / "transformers" / "models"
-    references = {role: _reference_forwards(models_dir, role) for role in (DECODER_FORWARD, CAUSAL_LM_FORWARD)}
-    standard_dynamic_update = _standard_dynamic_update(models_dir)
-    covered = _covered_models(models_dir, release)
+    era = _tree_era(models_dir, release)
+    standard_dynamic_update = _standard_dynamic_update(models_dir) if era.models_update_their_own_frequencies else None
+    covered, _ = model_coverage(models_dir, release, scope)
+    in_scope = set(pull_request_models(scope))
     plans = [
         _rope_utils_plan(tree),
         FilePlan("src/transformers/rope_cache_utils.py", new_text=_rope_cache_module_text(release)),
     ]
-    modeling_plans = {}
     for path in _model_files(models_dir):
-        modeling_plan = modeling_plans.get(path.parent.name) if path.name.startswith("modular_") else None
+        if scope != "all" and path.parent.name not in in_scope:
+            continue
         plan = _model_file_plan(
             path,
             str(path.relative_to(tree)),
-            references,
-            modeling_plan,
+            covered.get(path.parent.name),
+            set(covered),
             standard_dynamic_update,
-            covered=path.parent.name in covered,
+            phi3_v4_46=era.phi3_rotary_override == "modeling_phi3_v4_46",
         )
         if plan is not None:
             plans.append(plan)
-            if path.name.startswith("modeling_"):
-                modeling_plans[path.parent.name] = plan
-    missing = [
-        name
-        for name in COVERED_MODELS
-        if (models_dir / name).is_dir() and not any(f"/models/{name}/" in plan.path for plan in plans)
-    ]
-    if missing:
-        raise UnrecognisedTreeError(f"no copy of the covered forward passes found for {missing} in {tree}")
+    _check_every_covered_model_is_decorated(plans, covered)
     return plans

@@ -9,6 +9,10 @@ import textwrap
 from dataclasses import dataclass
 
 
+LINE_LENGTH = 119
+"""transformers' ruff line length."""
+
+
 def function_source(function) -> str:
     """The source of `function` (a function or a method), dedented to column 0, decorators included."""
     return textwrap.dedent(inspect.getsource(function))
@@ -104,19 +108,49 @@ class ReplaceMethod:
 
 
 @dataclass(frozen=True)
+class AddClass:
+    """Adds `source` (a class written at column 0) before the class `before`, with ruff's two blank lines after."""
+
+    class_name: str
+    source: str
+    before: str
+
+    def apply(self, text: str) -> str:
+        following = find_class(ast.parse(text), self.before)
+        if following is None:
+            raise LookupError(f"{self.before} is not defined here")
+        lines = _lines(text)
+        start = min([following.lineno, *(decorator.lineno for decorator in following.decorator_list)]) - 1
+        return "".join([*lines[:start], *_indented(self.source, ""), "\n", "\n", *lines[start:]])
+
+
+@dataclass(frozen=True)
 class AddMethod:
-    """Adds `source` (a method written at column 0) to `class_name`, after its method `after`."""
+    """
+    Adds `source` (a method written at column 0) to `class_name`, after its method `after`, or, with `after=None`,
+    at the end of the class (in place of a body that is only `pass`).
+    """
 
     class_name: str
     method_name: str
     source: str
-    after: str
+    after: str | None
 
     def apply(self, text: str) -> str:
         if _method(text, self.class_name, self.method_name) is not None:
             raise LookupError(f"{self.class_name}.{self.method_name} is already defined here")
-        _, lines, _, end, indent = _located_method(text, self.class_name, self.after)
-        return "".join([*lines[:end], "\n", *_indented(self.source, indent), *lines[end:]])
+        if self.after is not None:
+            _, lines, _, end, indent = _located_method(text, self.class_name, self.after)
+            return "".join([*lines[:end], "\n", *_indented(self.source, indent), *lines[end:]])
+        class_node = find_class(ast.parse(text), self.class_name)
+        if class_node is None:
+            raise LookupError(f"{self.class_name} is not defined here")
+        lines = _lines(text)
+        last = class_node.body[-1]
+        indent = lines[last.lineno - 1][: len(lines[last.lineno - 1]) - len(lines[last.lineno - 1].lstrip())]
+        if len(class_node.body) == 1 and isinstance(last, ast.Pass):
+            return "".join([*lines[: last.lineno - 1], *_indented(self.source, indent), *lines[last.end_lineno :]])
+        return "".join([*lines[: last.end_lineno], "\n", *_indented(self.source, indent), *lines[last.end_lineno :]])
 
 
 @dataclass(frozen=True)
@@ -266,6 +300,10 @@ class AddImportFrom:
                     f"no top-level `from` import of relative level {self.level} to place the new one among"
                 )
         statement = f"from {'.' * self.level}{self.module} import {', '.join(sorted(names))}\n"
+        if len(statement) > LINE_LENGTH + 1:
+            # As ruff formats an import too long for one line: one name a line, a trailing comma
+            listed = "".join(f"    {name},\n" for name in sorted(names))
+            statement = f"from {'.' * self.level}{self.module} import (\n{listed})\n"
         return "".join([*lines[:start], statement, *lines[end:]])
 
 

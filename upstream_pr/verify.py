@@ -65,15 +65,14 @@ def apply_diff(diff: str, tree: Path) -> str:
     return ""
 
 
-def run_pr_tests(tree: Path) -> tuple[str, int, str]:
+def run_pr_tests(tree: Path, test_paths: list[str]) -> tuple[str, int, str]:
     """
-    Runs the pull request's tests in `tree` with its `src/` first on the path (the run-time patches are not
-    imported). Returns where `transformers` was imported from, pytest's exit code and its summary line.
+    Runs the pull request's tests (`test_paths`, in `tree`) with its `src/` first on the path (the run-time patches
+    are not imported). Returns where `transformers` was imported from, pytest's exit code and its summary line.
     """
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     where = _run([sys.executable, "-c", "import transformers; print(transformers.__file__)"], tree, env)
     imported_from = where.stdout.strip()
-    test_paths = [path for path in PR_TEST_MODULES if (tree / path).is_file()]
     result = _run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tree), *test_paths],
         tree,
@@ -105,5 +104,7 @@ def verify(tree: Path, workdir: Path, texts: dict | None = None) -> Verification
     before = collections.Counter(ruff_problems(tree, existing, config))
     after = collections.Counter(ruff_problems(patched, report.changed_files, config))
     report.new_ruff_findings = sorted((after - before).elements())
-    report.transformers_imported_from, report.tests_returncode, report.tests_summary = run_pr_tests(patched)
+    report.transformers_imported_from, report.tests_returncode, report.tests_summary = run_pr_tests(
+        patched, [path for path in report.changed_files if path in PR_TEST_MODULES]
+    )
     return report

@@ -12,7 +12,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Every model of `patches.targets.STANDARD_ROPE_MODELS` that the installed release has, tiny and random
+Every model of `patches.coverage.MODELS` that the installed release has, tiny and random
 (`tiny_model`): with the patches applied, a hand-written loop and greedy `generate()` across the RoPE switch match the
 forward pass without cache, with longrope and with dynamic NTK (under `"recompute"`); without them, the loop's cache
 is stale at the longrope switch, so that these tests can fail.
@@ -27,7 +27,9 @@ from packaging.version import Version
 from parameterized import parameterized
 
 import patches
-from patches.targets import LEFT_OUT_MODELS, STANDARD_ROPE_MODELS, covered_standard_rope_model
+from patches.coverage import LEFT_OUT_MODELS
+from patches.coverage import MODELS as COVERED_MODELS
+from patches.targets import covered_model as covered_module
 from transformers.testing_utils import require_torch
 from transformers.utils import logging
 
@@ -44,7 +46,7 @@ from ..cache_consistency_utils import (
 )
 
 
-MODELS = [(module_name,) for module_name in sorted(STANDARD_ROPE_MODELS)]
+MODELS = [(module_name,) for module_name in sorted(COVERED_MODELS)]
 
 LONGROPE_INIT_HAS_SHORT_FACTORS = Version("4.45") <= TRANSFORMERS_VERSION
 """4.44's longrope init gives these models the long factors at every length: there is no switch to test."""
@@ -66,10 +68,10 @@ def model(module_name: str, rope_type: str):
 def covered_model(test, module_name: str, rope_type: str = "longrope"):
     """
     The tiny model, or the test skipped: the patches do not cover the model on the installed release (see
-    `covered_standard_rope_model`), or its config refuses `rope_type` (Phi-4-multimodal's accepts only longrope, and
+    `patches.targets.covered_model`), or its config refuses `rope_type` (Phi-4-multimodal's accepts only longrope, and
     Olmo's before 5.0 only linear and dynamic scaling).
     """
-    _, reason = covered_standard_rope_model(module_name)
+    _, reason = covered_module(module_name)
     if reason is not None:
         test.skipTest(reason)
     try:
@@ -90,8 +92,8 @@ def upstream_switches_longrope(module_name: str) -> bool:
     Whether upstream's rotary embedding of the model switches the longrope factors (`@dynamic_rope_update`, from
     4.51). Before, it rotates every length with the factors it holds, and the patches give it the switch.
     """
-    module, _ = covered_standard_rope_model(module_name)
-    rotary_embedding = getattr(module, f"{STANDARD_ROPE_MODELS[module_name]}RotaryEmbedding")
+    module, _ = covered_module(module_name)
+    rotary_embedding = getattr(module, f"{COVERED_MODELS[module_name].prefix}RotaryEmbedding")
     return "@dynamic_rope_update" in inspect.getsource(rotary_embedding.forward)
 
 
@@ -129,8 +131,9 @@ class StandardRopeModelsTest(QuietTestCase):
 
     def test_every_covered_model_is_patched_completely(self):
         patched = set(patches.status().patched)
-        for module_name, prefix in STANDARD_ROPE_MODELS.items():
-            module, _ = covered_standard_rope_model(module_name)
+        for module_name, model_row in COVERED_MODELS.items():
+            prefix = model_row.prefix
+            module, _ = covered_module(module_name)
             expected = {
                 f"{prefix}RotaryEmbedding.forward",
                 f"{prefix}Model.forward",
@@ -142,7 +145,7 @@ class StandardRopeModelsTest(QuietTestCase):
                     self.assertFalse(expected & patched)
                 else:
                     self.assertLessEqual(expected, patched)
-        self.assertFalse(set(LEFT_OUT_MODELS) & set(STANDARD_ROPE_MODELS))
+        self.assertFalse(set(LEFT_OUT_MODELS) & set(COVERED_MODELS))
 
     @parameterized.expand(MODELS)
     def test_longrope_decoding_matches_no_cache(self, module_name):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from patches.coverage import pull_request_models
+
 
 _HERE = Path(__file__).parent
 
@@ -74,14 +76,16 @@ OLDER_API = (
 """How the modules read in releases before the first one given: `(release, file or None for all, current, older)`."""
 
 
-def pr_test_modules(release: Version) -> dict[str, str]:
-    """`PR_TEST_MODULES` as written for `release`'s public API (see `OLDER_API`)."""
-    modules = dict(PR_TEST_MODULES)
+def pr_test_modules(release: Version, scope: str = "all") -> dict[str, str]:
+    """`PR_TEST_MODULES` of the models in `scope` (see `patches.coverage.pull_request_models`), as written for
+    `release`'s public API (see `OLDER_API`)."""
+    in_scope = {f"tests/models/{name}/test_modeling_{name}.py" for name in pull_request_models(scope)}
+    modules = {path: text for path, text in PR_TEST_MODULES.items() if path in in_scope}
     for since, only_in, current, older in OLDER_API:
         if release >= Version(since):
             continue
         targets = [path for path in modules if only_in in (None, path) and current in modules[path]]
-        if not targets:
+        if not targets and (only_in is None or only_in in modules):
             # A module changed and the rewrite no longer applies: fail loudly rather than test the wrong API
             raise LookupError(f"{current!r} is in no test module any more, to rewrite for {release}")
         for path in targets:
