@@ -13,7 +13,12 @@
 # limitations under the License.
 """RoPE frequency updates for rotary embeddings whose frequencies depend on the sequence length."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import wraps
+from typing import ClassVar
 
 import torch
 
@@ -177,6 +182,75 @@ def longrope_forward_per_row(self, rope_forward, x, position_ids, layer_type=Non
     return cos, sin
 
 
+@dataclass(frozen=True)
+class PackedSequenceLengths:
+    """
+    The length of the sequence each token belongs to, for a row that packs several sequences (continuous batching):
+    `per_token` on the device, shaped like `position_ids`, and the same lengths on the host (`distinct`), so that the
+    rotation picks its frequency sets without a device->host synchronisation. A sequence's length is every token known
+    for it, the ones still to prefill included: a prompt prefilled in chunks is rotated as it would be in one piece.
+    """
+
+    per_token: torch.Tensor
+    distinct: tuple[int, ...]
+
+    # What `packed_sequence_lengths` set for the running thread (a context variable: each thread has its own)
+    current: ClassVar[ContextVar] = ContextVar("packed_sequence_lengths", default=None)
+
+
+@contextmanager
+def packed_sequence_lengths(lengths: "PackedSequenceLengths") -> Iterator[None]:
+    """Rotary embeddings called inside this context rotate each token by its own sequence's length (per thread;
+    `None` for none)."""
+    token = PackedSequenceLengths.current.set(lengths)
+    try:
+        yield
+    finally:
+        PackedSequenceLengths.current.reset(token)
+
+
+def current_packed_sequence_lengths() -> "PackedSequenceLengths":
+    """The lengths `packed_sequence_lengths` set for this thread (`None` outside it)."""
+    return PackedSequenceLengths.current.get()
+
+
+def _frequency_groups(self, lengths: "PackedSequenceLengths") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """
+    The inverse frequencies of the lengths in a packed row, each with the mask of its tokens: longrope's short and long
+    sets, or, for dynamic NTK, the original set and one set per length beyond the original maximum.
+    """
+    per_token = lengths.per_token
+    if self.rope_type == "longrope":
+        switch_point = get_longrope_switch_point(self.config)
+        return [(per_token <= switch_point, self.short_inv_freq), (per_token > switch_point, self.long_inv_freq)]
+    device = per_token.device
+    groups = [(per_token <= self.original_max_seq_len, self.original_inv_freq.to(device))]
+    for length in sorted(set(lengths.distinct)):
+        if length > self.original_max_seq_len:
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device, seq_len=length)
+            groups.append((per_token == length, inv_freq))
+    return groups
+
+
+def rope_forward_per_sequence(self, rope_forward, x, position_ids, lengths: "PackedSequenceLengths"):
+    """
+    RoPE for a row that packs several sequences (`lengths`): each token is rotated with the frequencies of its own
+    sequence's length, as that sequence would be alone. The rotary forward runs once per frequency set, and each
+    token takes its own result; `inv_freq` is left as it was.
+    """
+    inv_freq = self.inv_freq
+    row_inv_freq = inv_freq.clone()
+    cos = sin = None
+    for mask, group_inv_freq in _frequency_groups(self, lengths):
+        inv_freq.copy_(group_inv_freq)
+        group_cos, group_sin = rope_forward(self, x, position_ids)
+        mask = mask.unsqueeze(-1)
+        cos = group_cos if cos is None else torch.where(mask, group_cos, cos)
+        sin = group_sin if sin is None else torch.where(mask, group_sin, sin)
+    inv_freq.copy_(row_inv_freq)
+    return cos, sin
+
+
 def dynamic_rope_update(rope_forward):
     """
     Decorator function to update the RoPE parameters in the forward pass, if the model is using a dynamic RoPE
@@ -194,12 +268,20 @@ def dynamic_rope_update(rope_forward):
     def wrapper(self, x, position_ids, layer_type=None):
         rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
         kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+        packed = current_packed_sequence_lengths()
         if "dynamic" in rope_type:
             dynamic_frequency_update(self, position_ids, device=x.device, **kwargs)
         elif rope_type == "longrope":
             longrope_frequency_update(self, position_ids, device=x.device, **kwargs)
-            if position_ids.shape[0] > 1:
-                return longrope_forward_per_row(self, rope_forward, x, position_ids, **kwargs)
+        if (
+            rope_type in ("longrope", "dynamic")
+            and layer_type is None
+            and packed is not None
+            and packed.per_token.shape == position_ids.shape
+        ):
+            return rope_forward_per_sequence(self, rope_forward, x, position_ids, packed)
+        if rope_type == "longrope" and position_ids.shape[0] > 1:
+            return longrope_forward_per_row(self, rope_forward, x, position_ids, **kwargs)
         return rope_forward(self, x, position_ids, **kwargs)
 
     return wrapper

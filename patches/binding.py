@@ -67,6 +67,20 @@ def expect_parameters(expected: list[str]) -> Callable[[object], str | None]:
     return check
 
 
+def expect_leading_parameters(expected: list[str]) -> Callable[[object], str | None]:
+    """A `Binding.check` accepting functions whose unwrapped signature starts with the `expected` parameters."""
+
+    def check(original) -> str | None:
+        if original is None:
+            return "the class does not define it"
+        found = parameter_names(original)
+        if found[: len(expected)] != expected:
+            return f"its signature changed: expected parameters starting with {expected}, found {found}"
+        return None
+
+    return check
+
+
 def expect_source(*fragments: str, absent: tuple[str, ...] = ()) -> Callable[[object], str | None]:
     """
     A `Binding.check` accepting functions whose source (decorators unwrapped) contains every one of `fragments` and

@@ -155,6 +155,13 @@ def recognise_era(modeling_phi3_source: str, release: str) -> Era:
     return by_shape
 
 
+CONTINUOUS_BATCHING_FROM = "5.23"
+"""The first release whose continuous batching (`generate_batch`, `transformers serve --continuous-batching`) the
+patches protect: per-request RoPE frequencies in packed batches, and a request that crosses the switch prefilled
+again. Releases with continuous batching before it (4.56 on) warn, once per manager, for a model whose RoPE
+frequencies depend on the length; asynchronous batching and CUDA graphs warn on every release."""
+
+
 def supported_requirement() -> str:
     """The transformers requirement the tested releases support: from the oldest to the newest one's minor."""
     major, minor = _release_tuple(NEWEST_TESTED_VERSION)

@@ -33,6 +33,7 @@ from modeling_overrides.rope_cache_utils import (
 from .binding import (
     Binding,
     all_checks,
+    expect_leading_parameters,
     expect_parameters,
     expect_source,
     original_attribute,
@@ -40,6 +41,7 @@ from .binding import (
     source,
 )
 from .coverage import (
+    CONTINUOUS_BATCHING_FROM,
     LEFT_OUT_MODELS,
     MODEL_CLASS_SUFFIXES,
     MODELS,
@@ -48,6 +50,7 @@ from .coverage import (
     Era,
     Model,
     UnrecognisedEraError,
+    _release_tuple,
     model_exclusion,
     recognise_era,
     rotates_per_row,
@@ -437,6 +440,90 @@ def model_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upstr
     return bindings
 
 
+def _continuous_batching_binding(owner: type, attribute: str, decorator, parameters: list[str], *fingerprint: str):
+    return Binding(
+        name=f"{owner.__name__}.{attribute}",
+        owner=owner,
+        attribute=attribute,
+        replacement=decorator,
+        check=all_checks(expect_leading_parameters(parameters), expect_source(*fingerprint)),
+    )
+
+
+def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Binding]:
+    """
+    Continuous batching (`generate_batch`, `transformers serve --continuous-batching`), from
+    `coverage.CONTINUOUS_BATCHING_FROM`: each packed request rotated with its own length's frequencies and, unless every
+    cache is ignored, a request that crosses the switch prefilled again and prefix sharing kept within the first RoPE
+    regime (`modeling_overrides/generation/continuous_batching.py`). Releases with continuous batching before it get a
+    warning when a model with such a RoPE starts it; releases without it, nothing.
+    """
+    import importlib.util
+
+    import transformers
+    from modeling_overrides.generation import continuous_batching as rope_batching
+
+    if importlib.util.find_spec("transformers.generation.continuous_batching") is None:
+        return []
+    from transformers.generation.continuous_batching import continuous_api
+
+    if _release_tuple(transformers.__version__) < _release_tuple(CONTINUOUS_BATCHING_FROM):
+        manager = continuous_api.ContinuousBatchingManager
+        return [
+            _continuous_batching_binding(
+                manager, "__init__", rope_batching.warn_in_unsupported_release, ["self", "model"]
+            )
+        ]
+    from transformers.generation.continuous_batching import cache, input_outputs, model_runner, scheduler
+
+    bindings = [
+        _continuous_batching_binding(
+            input_outputs.ContinuousBatchingIOs,
+            "prepare_batch_tensors",
+            rope_batching.with_request_rope_lengths,
+            ["self", "requests_in_batch"],
+            "state.position_offset += query_length",
+            "self.requests_in_batch.append(future_state)",
+        ),
+        _continuous_batching_binding(
+            model_runner.ModelRunner,
+            "compute_batch",
+            rope_batching.rotate_each_request_alone,
+            ["self", "model", "batch_data"],
+            "forward_fn(model, batch_data",
+        ),
+    ]
+    if not _tracks_any_cache(stale_cache_policy):
+        return bindings
+    for scheduler_class in (scheduler.FIFOScheduler, scheduler.PrefillFirstScheduler):
+        bindings.append(
+            _continuous_batching_binding(
+                scheduler_class,
+                "schedule_batch",
+                rope_batching.recompute_crossing_requests,
+                ["self", "token_budget", "cache_budget"],
+                "self.active_requests",
+            )
+        )
+    bindings += [
+        _continuous_batching_binding(
+            cache.PagedAttentionCache,
+            "search_prefix_match",
+            rope_batching.share_prefix_within_first_regime,
+            ["self", "request_id", "prompt_ids"],
+            "match_prefix_blocks(prompt_ids)",
+        ),
+        _continuous_batching_binding(
+            cache.PagedAttentionCache,
+            "mark_complete_blocks",
+            rope_batching.mark_blocks_within_first_regime,
+            ["self", "state", "complete_blocks"],
+            "state.initial_tokens + state.generated_tokens",
+        ),
+    ]
+    return bindings
+
+
 EAGER_ATTENTION_PARAMETERS = ["module", "query", "key", "value", "attention_mask", "scaling", "dropout", "kwargs"]
 
 
@@ -513,6 +600,7 @@ def all_bindings(
         consistent: add the bindings of `consistent_decoding_bindings`.
     """
     bindings = model_bindings(stale_cache_policy, upstream_attribute)
+    bindings += continuous_batching_bindings(stale_cache_policy)
     if consistent:
         bindings += consistent_decoding_bindings()
     return bindings

@@ -73,9 +73,25 @@ ROPE_UTILITY_FUNCTIONS = (
     "longrope_frequency_update",
     "dynamic_frequency_update",
     "longrope_forward_per_row",
+    "PackedSequenceLengths",
+    "packed_sequence_lengths",
+    "current_packed_sequence_lengths",
+    "_frequency_groups",
+    "rope_forward_per_sequence",
     "dynamic_rope_update",
 )
-"""The functions of `modeling_overrides/modeling_rope_utils.py`, in order: they take `dynamic_rope_update`'s place."""
+"""The functions and classes of `modeling_overrides/modeling_rope_utils.py`, in order: they take
+`dynamic_rope_update`'s place."""
+
+ROPE_UTILITY_IMPORTS = (
+    ("collections.abc", ("Iterator",)),
+    ("contextlib", ("contextmanager",)),
+    ("contextvars", ("ContextVar",)),
+    ("dataclasses", ("dataclass",)),
+    ("functools", ("wraps",)),
+    ("typing", ("ClassVar",)),
+)
+"""The standard-library imports those need (a tree may have some of them already)."""
 
 CACHE_DROP_MARKERS = (r"^\s*(past_key_values|cache) = None$", r"original_max_position_embeddings")
 """What upstream's `prepare_inputs_for_generation` override that drops the cache at the longrope switch contains (each
@@ -554,7 +570,11 @@ def _rope_utils_plan(tree: Path) -> FilePlan:
     """
     relative = "src/transformers/modeling_rope_utils.py"
     module = ast.parse((tree / relative).read_text(encoding="utf-8"))
-    clashes = [name for name in ROPE_UTILITY_FUNCTIONS[:-1] if find_function(module.body, name) is not None]
+    clashes = [
+        name
+        for name in ROPE_UTILITY_FUNCTIONS[:-1]
+        if find_function(module.body, name) is not None or find_class(module, name) is not None
+    ]
     has_decorator = find_function(module.body, "dynamic_rope_update") is not None
     if clashes or not (has_decorator or assigned_at_module_level(module, "ROPE_INIT_FUNCTIONS")):
         raise UnrecognisedTreeError(
@@ -562,11 +582,10 @@ def _rope_utils_plan(tree: Path) -> FilePlan:
             f"`ROPE_INIT_FUNCTIONS`, and none of {list(ROPE_UTILITY_FUNCTIONS[:-1])}; found clashes {clashes}"
         )
     sources = tuple(function_source(getattr(modeling_rope_utils, name)) for name in ROPE_UTILITY_FUNCTIONS)
+    imports = [AddImportFrom(0, module_name, names) for module_name, names in ROPE_UTILITY_IMPORTS]
     if has_decorator:
-        return FilePlan(relative, [ReplaceFunction("dynamic_rope_update", sources)])
-    return FilePlan(
-        relative, [InsertAfterStatement("ROPE_INIT_FUNCTIONS", sources), AddImportFrom(0, "functools", ("wraps",))]
-    )
+        return FilePlan(relative, [ReplaceFunction("dynamic_rope_update", sources), *imports])
+    return FilePlan(relative, [InsertAfterStatement("ROPE_INIT_FUNCTIONS", sources), *imports])
 
 
 def _rope_cache_module_text(release: Version) -> str:

@@ -264,6 +264,12 @@ class InsertAfterStatement:
         return "".join([*lines[:end], "\n", "\n", *_top_level_functions(self.sources), *lines[end:]])
 
 
+def _isort_key(name: str) -> tuple[int, str]:
+    """isort's order of imported names (ruff's `order-by-type`): constants, then classes, then the rest."""
+    kind = 0 if name.isupper() and len(name) > 1 else 1 if name[0].isupper() else 2
+    return kind, name
+
+
 @dataclass(frozen=True)
 class AddImportFrom:
     """
@@ -299,10 +305,11 @@ class AddImportFrom:
                 raise LookupError(
                     f"no top-level `from` import of relative level {self.level} to place the new one among"
                 )
-        statement = f"from {'.' * self.level}{self.module} import {', '.join(sorted(names))}\n"
+        names = sorted(names, key=_isort_key)
+        statement = f"from {'.' * self.level}{self.module} import {', '.join(names)}\n"
         if len(statement) > LINE_LENGTH + 1:
             # As ruff formats an import too long for one line: one name a line, a trailing comma
-            listed = "".join(f"    {name},\n" for name in sorted(names))
+            listed = "".join(f"    {name},\n" for name in names)
             statement = f"from {'.' * self.level}{self.module} import (\n{listed})\n"
         return "".join([*lines[:start], statement, *lines[end:]])
 
