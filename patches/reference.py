@@ -125,3 +125,49 @@ def generate_errors(model, input_ids, attention_mask=None, **generate_kwargs):
         reference = no_cache_logits(model, outputs.sequences[:, :length], attention_mask=mask)
         errors.append((step_logits - reference).abs().max().item())
     return outputs.sequences, errors
+
+
+@torch.no_grad()
+def greedy_alone(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """
+    The reference for a batch or a server: one request decoded alone, greedily, every step a forward pass without cache
+    over all its tokens. Returns the generated tokens and the log-probability of each.
+    """
+    reset_dynamic_rope(model)
+    ids, logprobs = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits[0, -1].float()
+        token = int(logits.argmax())
+        logprobs.append(torch.log_softmax(logits, dim=-1)[token].item())
+        ids.append(token)
+    return ids[len(prompt) :], logprobs
+
+
+def continuous_batching_errors(model, prompts: list[list[int]], max_new_tokens: int, **batching_settings):
+    """
+    Decodes `prompts` together with `model.generate_batch` (synchronous batching, greedy, the paged variant of the
+    model's attention) and compares each request with `greedy_alone`: returns, per request, whether its tokens are the
+    reference's and the max |Δ log-probability| of its tokens (`inf` where the tokens differ).
+    """
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=-1, pad_token_id=0
+    )
+    settings = {"auto_switch_to_flash": False, "use_async_batching": False, "return_logprobs": True}
+    settings.update(batching_settings)
+    outputs = model.generate_batch(
+        prompts,
+        generation_config=generation_config,
+        continuous_batching_config=ContinuousBatchingConfig(**settings),
+        progress_bar=False,
+    )
+    results = []
+    for prompt, output in zip(prompts, outputs.values()):
+        tokens, logprobs = greedy_alone(model, prompt, max_new_tokens)
+        if output.generated_tokens != tokens:
+            results.append((False, float("inf")))
+            continue
+        errors = [abs(got - expected) for got, expected in zip(output.logprobs, logprobs)]
+        results.append((True, max(errors)))
+    return results

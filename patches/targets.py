@@ -474,7 +474,7 @@ def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Bin
                 manager, "__init__", rope_batching.warn_in_unsupported_release, ["self", "model"]
             )
         ]
-    from transformers.generation.continuous_batching import cache, input_outputs, model_runner, scheduler
+    from transformers.generation.continuous_batching import cache, input_outputs, model_runner
 
     bindings = [
         _continuous_batching_binding(
@@ -495,16 +495,15 @@ def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Bin
     ]
     if not _tracks_any_cache(stale_cache_policy):
         return bindings
-    for scheduler_class in (scheduler.FIFOScheduler, scheduler.PrefillFirstScheduler):
-        bindings.append(
-            _continuous_batching_binding(
-                scheduler_class,
-                "schedule_batch",
-                rope_batching.recompute_crossing_requests,
-                ["self", "token_budget", "cache_budget"],
-                "self.active_requests",
-            )
+    bindings.append(
+        _continuous_batching_binding(
+            continuous_api.ContinuousBatchProcessor,
+            "prepare_next_batch",
+            rope_batching.recompute_crossing_requests,
+            ["self"],
+            "self.scheduler.schedule_batch(",
         )
+    )
     bindings += [
         _continuous_batching_binding(
             cache.PagedAttentionCache,

@@ -26,7 +26,8 @@ paged cache. With longrope or dynamic NTK, two things go wrong unless each reque
    `recompute_crossing_requests` applies the stale-cache policy before each batch is scheduled: `"recompute"` (and
    `"rerotate"`, which paged caches do not support) requeues the request as a prefill of its prompt and generated
    tokens, as offloading does, with its blocks freed and not kept for reuse; the other requests are not touched.
-   `"warn"`, `"raise"` and `"ignore"` act as they do elsewhere.
+   `"raise"` fails that request with a `StaleRopeCacheError` (the others go on), `"warn"` warns once per request,
+   `"ignore"` does nothing.
 
 Prefix sharing reuses blocks by their tokens alone, so a block computed with one set of frequencies could serve a
 request that needs another: `share_prefix_within_first_regime` and `mark_blocks_within_first_regime` keep sharing to
@@ -174,7 +175,8 @@ def requeue_for_prefill(scheduler, state) -> None:
     scheduler.add_waiting_request(new_state)
 
 
-def _apply_stale_cache_policy(scheduler, state) -> None:
+def _apply_stale_cache_policy(batch_processor, state) -> None:
+    scheduler = batch_processor.scheduler
     config = scheduler.cache.config
     policy = get_stale_cache_policy(get_rope_type(config))
     needed = rope_frequency_regime(config, request_length(state))
@@ -185,21 +187,24 @@ def _apply_stale_cache_policy(scheduler, state) -> None:
     if policy in RECOMPUTING_POLICIES:
         requeue_for_prefill(scheduler, state)
     elif policy == "raise":
-        raise StaleRopeCacheError(f"{message}. Set the stale-cache policy to 'recompute' to prefill it again.")
+        # The request fails, with what it generated so far; the others go on
+        error = StaleRopeCacheError(f"{message}. Set the stale-cache policy to 'recompute' to prefill it again.")
+        batch_processor._handle_request_error(error, state)
+        scheduler.finish_request(state.request_id)
     elif policy == "warn" and not getattr(state, "rope_stale_warned", False):
         state.rope_stale_warned = True
         warnings.warn(f"{message}; decoding goes on with stale keys.", StaleRopeCacheWarning, stacklevel=2)
 
 
-def recompute_crossing_requests(schedule_batch):
-    """Decorates a scheduler's `schedule_batch`: before the batch is chosen, each request whose cached tokens are
-    stale gets the stale-cache policy of its RoPE type (see the module's docstring)."""
+def recompute_crossing_requests(prepare_next_batch):
+    """Decorates `ContinuousBatchProcessor.prepare_next_batch`: before the next batch is scheduled, each request whose
+    cached tokens are stale gets the stale-cache policy of its RoPE type (see the module's docstring)."""
 
-    @wraps(schedule_batch)
+    @wraps(prepare_next_batch)
     def wrapper(self, *args, **kwargs):
-        for state in _stale_requests(self):
+        for state in _stale_requests(self.scheduler):
             _apply_stale_cache_policy(self, state)
-        return schedule_batch(self, *args, **kwargs)
+        return prepare_next_batch(self, *args, **kwargs)
 
     return wrapper
 
