@@ -4,6 +4,7 @@ Command line of the patches:
     python -m patches check            # every covered model and decoding path across the switch, patched
     python -m patches check --force    # the same on a transformers release outside the tested range
     python -m patches status           # what `patches.apply()` would patch and refuse here, without keeping it
+    python -m patches serve MODEL ...  # `transformers serve MODEL ...` in this process, with the patches applied
 """
 
 import argparse
@@ -18,15 +19,35 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="check a release outside the tested range, or with refused functions"
     )
     commands.add_parser("status", help="apply, print the status, revert")
+    serve_parser = commands.add_parser(
+        "serve", help="`transformers serve` with the patches applied; every argument after `serve` is its own"
+    )
+    serve_parser.add_argument("serve_arguments", nargs=argparse.REMAINDER, help="the arguments of `transformers serve`")
     args = parser.parse_args(argv)
 
     import patches
 
+    if args.command == "serve":
+        return serve(args.serve_arguments)
     if args.command == "status":
         with patches.applied(force=True):
             print(patches.status())
         return 0
     return 0 if patches.check(force=args.force).passed else 1
+
+
+def serve(serve_arguments: list[str]) -> int:
+    """Runs transformers' command line as `transformers serve ...` in this process, once the patches are applied (the
+    server decodes in this process's threads, so every request goes through the patched code)."""
+    import patches
+
+    patches.apply()
+    try:
+        from transformers.cli.transformers import main as transformers_main  # 5.x
+    except ImportError:
+        from transformers.commands.transformers_cli import main as transformers_main  # 4.x
+    sys.argv = ["transformers", "serve", *serve_arguments]
+    return transformers_main() or 0
 
 
 if __name__ == "__main__":
