@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = commands.add_parser(
         "serve", help="`transformers serve` with the patches applied; every argument after `serve` is its own"
     )
-    serve_parser.add_argument("serve_arguments", nargs=argparse.REMAINDER, help="the arguments of `transformers serve`")
+    serve_parser.add_argument(
+        "serve_arguments", nargs=argparse.REMAINDER, help="the arguments of `transformers serve`"
+    )
     args = parser.parse_args(argv)
 
     import patches

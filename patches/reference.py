@@ -148,6 +148,9 @@ def continuous_batching_errors(model, prompts: list[list[int]], max_new_tokens: 
     Decodes `prompts` together with `model.generate_batch` (synchronous batching, greedy, the paged variant of the
     model's attention) and compares each request with `greedy_alone`: returns, per request, whether its tokens are the
     reference's and the max |Δ log-probability| of its tokens (`inf` where the tokens differ).
+
+    Raises:
+        RuntimeError: a request failed (its error is in the message).
     """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
@@ -162,6 +165,9 @@ def continuous_batching_errors(model, prompts: list[list[int]], max_new_tokens: 
         continuous_batching_config=ContinuousBatchingConfig(**settings),
         progress_bar=False,
     )
+    failed = {request_id: output.error for request_id, output in outputs.items() if output.error is not None}
+    if failed:
+        raise RuntimeError(f"generate_batch failed requests: {failed}")
     results = []
     for prompt, output in zip(prompts, outputs.values()):
         tokens, logprobs = greedy_alone(model, prompt, max_new_tokens)

@@ -15,10 +15,11 @@ from functools import partial
 import torch
 from packaging.version import Version
 
-from .coverage import MODELS
+from .coverage import CONTINUOUS_BATCHING_FROM, MODELS
 from .reference import (
     CACHE_KEYWORD,
     FP32_TOLERANCE,
+    continuous_batching_errors,
     generate_errors,
     hand_written_loop_errors,
     left_padded_generate_row_errors,
@@ -138,6 +139,15 @@ def _beam_search(model) -> list[float]:
     return [0.0 if same else float("inf")]
 
 
+def _continuous_batching(model) -> list[float]:
+    # Packed requests that cross the switch, stay short and start long, each against itself decoded alone; the
+    # log-probabilities of their tokens (inf where the tokens differ)
+    lengths = (SWITCH_POINT - 4, 5, SWITCH_POINT + 6)
+    prompts = [random_tokens(length, seed=index)[0].tolist() for index, length in enumerate(lengths)]
+    settings = {"num_blocks": 32, "max_batch_tokens": 48, "page_size": 16}
+    return [error for _, error in continuous_batching_errors(model, prompts, max_new_tokens=6, **settings)]
+
+
 def checked_paths(family: CheckedFamily) -> dict[str, Callable | str]:
     """Each decoding path across the switch: a measurement returning max |Δlogit| per step, or why it is skipped."""
     paths = {
@@ -153,6 +163,8 @@ def checked_paths(family: CheckedFamily) -> dict[str, Callable | str]:
     }
     if CACHE_KEYWORD == "cache":
         paths["loop, deprecated past_key_values="] = _loop("dynamic", cache_keyword="past_key_values")
+    if TRANSFORMERS_VERSION.release[:2] >= tuple(int(part) for part in CONTINUOUS_BATCHING_FROM.split(".")):
+        paths["generate_batch() packed requests"] = _continuous_batching
     if not family.rows_are_rotated_alone:
         paths["generate() left-padded batch"] = "this release rotates the batch with one factor set, as upstream"
     if Version("4.45") > TRANSFORMERS_VERSION:

@@ -492,8 +492,10 @@ def _phimoe_rotary_edits(class_node: ast.ClassDef, batch_wide: bool) -> list:
         return []
     override_module = "modeling_phimoe_v4_57.py" if batch_wide else "modeling_phimoe.py"
     override = member_source(OVERRIDES / "models" / "phimoe" / override_module, class_node.name, "forward")
-    imported = "get_longrope_switch_point" if batch_wide else "dynamic_rope_update"
-    return [ReplaceMethod(class_node.name, "forward", override), AddImportFrom(3, "modeling_rope_utils", (imported,))]
+    imported = (
+        ("get_longrope_switch_point",) if batch_wide else ("current_packed_sequence_lengths", "dynamic_rope_update")
+    )
+    return [ReplaceMethod(class_node.name, "forward", override), AddImportFrom(3, "modeling_rope_utils", imported)]
 
 
 def _model_file_plan(

@@ -27,8 +27,9 @@ from packaging.version import Version
 from parameterized import parameterized
 
 import patches
-from patches.coverage import LEFT_OUT_MODELS
+from patches.coverage import CONTINUOUS_BATCHING_FROM, LEFT_OUT_MODELS
 from patches.coverage import MODELS as COVERED_MODELS
+from patches.reference import continuous_batching_errors
 from patches.targets import covered_model as covered_module
 from transformers.testing_utils import require_torch
 from transformers.utils import logging
@@ -47,6 +48,10 @@ from ..cache_consistency_utils import (
 
 
 MODELS = [(module_name,) for module_name in sorted(COVERED_MODELS)]
+
+CONTINUOUS_BATCHING_SUPPORTED = TRANSFORMERS_VERSION.release[:2] >= tuple(
+    int(part) for part in CONTINUOUS_BATCHING_FROM.split(".")
+)
 
 LONGROPE_INIT_HAS_SHORT_FACTORS = Version("4.45") <= TRANSFORMERS_VERSION
 """4.44's longrope init gives these models the long factors at every length: there is no switch to test."""
@@ -154,6 +159,47 @@ class StandardRopeModelsTest(QuietTestCase):
     @parameterized.expand(MODELS)
     def test_dynamic_ntk_decoding_matches_no_cache(self, module_name):
         self.assertDecodingMatchesNoCache(covered_model(self, module_name, "dynamic"))
+
+    @parameterized.expand(MODELS)
+    @unittest.skipUnless(CONTINUOUS_BATCHING_SUPPORTED, "continuous batching is protected from 5.23")
+    def test_continuous_batching_decodes_each_request_as_alone(self, module_name):
+        tiny = covered_model(self, module_name, "longrope")
+        crossing = [
+            TOKENS[0, : SWITCH_POINT - 2].tolist(),
+            TOKENS[0, :5].tolist(),
+            TOKENS[0, : SWITCH_POINT + 2].tolist(),
+        ]
+        short = [TOKENS[0, :9].tolist(), TOKENS[0, :5].tolist(), TOKENS[0, :12].tolist()]
+        settings = {"num_blocks": 32, "max_batch_tokens": 48, "page_size": 16}
+
+        def exact(prompts) -> bool:
+            results = continuous_batching_errors(tiny, prompts, max_new_tokens=4, **settings)
+            return all(same and error <= FP32_TOLERANCE for same, error in results)
+
+        try:
+            if exact(crossing):
+                return
+        except Exception as error:  # upstream's continuous batching refuses some models (layer types, caches)
+            self.skipIfUpstreamFailsToo(lambda: exact(short), error)
+            raise
+        self.skipIfUpstreamFailsToo(lambda: exact(short), "not exact across the switch")
+        self.fail("continuous batching is not exact across the switch, and upstream's is without one")
+
+    def skipIfUpstreamFailsToo(self, exact_without_switch, error):
+        """
+        Skips the test when upstream's code, on prompts that never reach the switch, fails or is not exact either:
+        the model's continuous batching is wrong whatever the RoPE (linear-attention states, sparse attention, ...).
+        """
+        policy = patches.status().stale_cache
+        patches.revert()
+        try:
+            upstream_exact = exact_without_switch()
+        except Exception as upstream_error:
+            self.skipTest(f"upstream's continuous batching fails on it without a switch: {upstream_error}"[:300])
+        finally:
+            patches.apply(stale_cache=policy)
+        if not upstream_exact:
+            self.skipTest(f"upstream's continuous batching is not exact on it without a switch ({error})")
 
 
 @require_torch

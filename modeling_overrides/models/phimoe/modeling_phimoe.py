@@ -16,7 +16,7 @@
 import torch
 from torch import nn
 
-from ...modeling_rope_utils import dynamic_rope_update
+from ...modeling_rope_utils import current_packed_sequence_lengths, dynamic_rope_update
 
 
 class PhimoeRotaryEmbedding(nn.Module):
@@ -29,13 +29,18 @@ class PhimoeRotaryEmbedding(nn.Module):
         mscale = self.attention_scaling
         rope_parameters = self.config.rope_parameters
         if rope_parameters["rope_type"] != "default":
-            row_lengths = position_ids.amax(dim=-1) + 1
-            uses_long_factors = row_lengths > rope_parameters["original_max_position_embeddings"]
+            packed = current_packed_sequence_lengths()
+            if packed is not None and packed.per_token.shape == position_ids.shape:
+                # Several sequences packed in a row (continuous batching): each token's own sequence length
+                lengths = packed.per_token[..., None]
+            else:
+                lengths = (position_ids.amax(dim=-1) + 1)[:, None, None]
+            uses_long_factors = lengths > rope_parameters["original_max_position_embeddings"]
             mscale = torch.where(
                 uses_long_factors,
                 torch.tensor(rope_parameters["long_mscale"], dtype=torch.float, device=x.device),
                 torch.tensor(rope_parameters["short_mscale"], dtype=torch.float, device=x.device),
-            )[:, None, None]
+            )
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * mscale
