@@ -257,6 +257,85 @@ def bench_generate(model, args) -> dict:
     }
 
 
+def continuous_batch(model, prompts: list[list[int]], new_tokens: int) -> None:
+    """`generate_batch` of `prompts`, greedy, synchronous batching (the CPU default), `new_tokens` each."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    generation_config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0)
+    config = ContinuousBatchingConfig(
+        auto_switch_to_flash=False, use_async_batching=False, num_blocks=512, page_size=32, max_batch_tokens=512
+    )
+    model.generate_batch(
+        prompts, generation_config=generation_config, continuous_batching_config=config, progress_bar=False
+    )
+
+
+def bench_continuous_batching(model, args) -> dict:
+    """
+    `generate_batch` throughput (generated tokens per second), patched / unpatched, on two mixed workloads of 8
+    requests: none reaching the switch, and half crossing it while decoding (each prefilled again, patched); and the
+    cost of that prefill: one crossing request, patched minus unpatched, against a plain prefill of its length.
+    """
+    if not hasattr(model, "generate_batch"):
+        return {"skipped": f"transformers {transformers.__version__} has no continuous batching"}
+    switch, new_tokens = args.switch_point, args.switch_point // 16
+    vocab = model.config.vocab_size
+
+    def prompts(lengths):
+        return [
+            random_tokens(length, vocab_size=vocab, seed=index)[0].tolist() for index, length in enumerate(lengths)
+        ]
+
+    workloads = {
+        "no crossing": prompts([switch // 16 * k for k in range(1, 9)]),
+        "half crossing": prompts([switch - new_tokens // 2] * 4 + [switch // 8 * k for k in range(1, 5)]),
+    }
+    results = {}
+    for name, batch in workloads.items():
+
+        def run(_, batch=batch):
+            return [timed(args.device, continuous_batch, model, batch, new_tokens)]
+
+        timings = side_by_side(
+            {"unpatched": (unpatched, lambda: None, run), "patched": (patched(), lambda: None, run)},
+            args.repeats,
+            args.warmup,
+            args.device,
+        )
+        generated = new_tokens * len(batch)
+        results[name] = {
+            "timings": timings,
+            "tokens_per_second": {key: 1e3 * generated / timing["median_ms"] for key, timing in timings.items()},
+            "throughput patched / unpatched": ratio(timings["unpatched"], timings["patched"]),
+        }
+    crossing = prompts([switch - 4])
+
+    def crossing_run(_):
+        return [timed(args.device, continuous_batch, model, crossing, 8)]
+
+    def prefill(_):
+        tokens = torch.tensor([crossing[0] + [5] * 5], device=args.device)
+        return [timed(args.device, model, tokens, use_cache=False)]
+
+    timings = side_by_side(
+        {
+            "crossing request, unpatched": (unpatched, lambda: None, crossing_run),
+            "crossing request, patched": (patched(), lambda: None, crossing_run),
+            "plain prefill": (unpatched, lambda: None, prefill),
+        },
+        args.repeats,
+        args.warmup,
+        args.device,
+    )
+    extra_ms = timings["crossing request, patched"]["median_ms"] - timings["crossing request, unpatched"]["median_ms"]
+    results["re-prefill"] = {
+        "timings": timings,
+        "extra_ms": extra_ms,
+        "extra / plain prefill": extra_ms / timings["plain prefill"]["median_ms"],
+    }
+    return results
+
+
 def left_padded_rows(model, args):
     """A batch of `BATCH_SIZE` rows of different lengths, left-padded: row `i` crosses the switch at decode step
     `2 * i + 1`. Returns the prompt, its mask and the tokens fed at each step."""
@@ -419,40 +498,100 @@ def print_tables(results: dict) -> None:
         f"transformers {results['transformers']}, torch {results['torch']}; medians of {results['repeats']} "
         "runs (min-max)\n"
     )
-    decode, switch = results["decode_step"], results["switch_step"]
-    generate, batch = results["generate"], results["batch"]
-    rows = [
-        ("decode step, patched / unpatched", decode["timings"]["patched"], decode["timings"]["unpatched"],
-         decode["ratio"], "≤ 1.01"),
-        ("switch step (recompute) / plain prefill", switch["timings"]["recompute"],
-         switch["timings"]["plain prefill"], switch["recompute / prefill"], "≤ 1.10"),
-        ("switch step, rerotate / recompute", switch["timings"]["rerotate"], switch["timings"]["recompute"],
-         switch["rerotate / recompute"], ""),
-        (f"generate() across the switch, patched / unpatched ({generate['new_tokens']} tokens)",
-         generate["timings"]["patched"], generate["timings"]["unpatched"], generate["ratio"], ""),
-        (f"batch of {batch['batch_size']} crossing at {batch['switch_point']} over {batch['steps']} steps: crossing "
-         "rows only / whole batch",
-         batch["timings"]["crossing rows only"], batch["timings"]["whole batch"], batch["ratio"], ""),
-    ]  # fmt: skip
-    consistent = results["consistent"]
-    if "skipped" not in consistent:
-        for name, measured in consistent.items():
-            timings = measured["timings"]
-            rows.append(
-                (f"consistent / normal: {name}", timings["consistent"], timings["normal"], measured["ratio"], "")
-            )
+    rows = []
+    for section, section_rows in ROW_BUILDERS.items():
+        if section in results:
+            rows += section_rows(results[section])
     print("| measurement | measured | against | ratio | target |")
     print("|---|---|---|---|---|")
     for name, measured, against, value, target in rows:
         print(f"| {name} | {format_timing(measured)} | {format_timing(against)} | {value:.3f} | {target} |")
-    if "skipped" in consistent:
-        print(f"\nconsistent / normal: skipped ({consistent['skipped']})")
-    print(f"\ngenerate() tokens per second: {generate['tokens_per_second']}")
-    print(f"batch: max |Δlogit| between the two strategies at the last step: {batch['max_abs_logit_difference']:.2e}")
+    if "skipped" in results.get("consistent", {}):
+        print(f"\nconsistent / normal: skipped ({results['consistent']['skipped']})")
+    if "skipped" in results.get("continuous_batching", {}):
+        print(f"\ncontinuous batching: skipped ({results['continuous_batching']['skipped']})")
+    if "generate" in results:
+        print(f"\ngenerate() tokens per second: {results['generate']['tokens_per_second']}")
+    if "continuous_batching" in results and "skipped" not in results["continuous_batching"]:
+        for name, measured in results["continuous_batching"].items():
+            if "tokens_per_second" in measured:
+                print(f"generate_batch() tokens per second, {name}: {measured['tokens_per_second']}")
+    if "batch" in results:
+        difference = results["batch"]["max_abs_logit_difference"]
+        print(f"batch: max |Δlogit| between the two strategies at the last step: {difference:.2e}")
+    if "switch_cost" in results:
+        print_switch_cost(results["switch_cost"])
 
+
+def _decode_rows(decode: dict) -> list:
+    return [("decode step, patched / unpatched", decode["timings"]["patched"], decode["timings"]["unpatched"],
+             decode["ratio"], "≤ 1.01")]  # fmt: skip
+
+
+def _switch_rows(switch: dict) -> list:
+    return [
+        ("switch step (recompute) / plain prefill", switch["timings"]["recompute"],
+         switch["timings"]["plain prefill"], switch["recompute / prefill"], "≤ 1.10"),
+        ("switch step, rerotate / recompute", switch["timings"]["rerotate"], switch["timings"]["recompute"],
+         switch["rerotate / recompute"], ""),
+    ]  # fmt: skip
+
+
+def _generate_rows(generate: dict) -> list:
+    return [(f"generate() across the switch, patched / unpatched ({generate['new_tokens']} tokens)",
+             generate["timings"]["patched"], generate["timings"]["unpatched"], generate["ratio"], "")]  # fmt: skip
+
+
+def _batch_rows(batch: dict) -> list:
+    return [(f"batch of {batch['batch_size']} crossing at {batch['switch_point']} over {batch['steps']} steps: "
+             "crossing rows only / whole batch", batch["timings"]["crossing rows only"],
+             batch["timings"]["whole batch"], batch["ratio"], "")]  # fmt: skip
+
+
+def _consistent_rows(consistent: dict) -> list:
+    if "skipped" in consistent:
+        return []
+    return [
+        (f"consistent / normal: {name}", measured["timings"]["consistent"], measured["timings"]["normal"],
+         measured["ratio"], "")
+        for name, measured in consistent.items()
+    ]  # fmt: skip
+
+
+def _continuous_batching_rows(measured: dict) -> list:
+    if "skipped" in measured:
+        return []
+    rows = [
+        (f"generate_batch() throughput, {name}: patched / unpatched", workload["timings"]["patched"],
+         workload["timings"]["unpatched"], workload["throughput patched / unpatched"],
+         "≥ 0.95" if name == "no crossing" else "")
+        for name, workload in measured.items()
+        if "throughput patched / unpatched" in workload
+    ]  # fmt: skip
+    reprefill = measured["re-prefill"]
+    timings = reprefill["timings"]
+    rows.append(
+        ("one crossing request: (patched - unpatched) / plain prefill of its length", timings["crossing request, patched"],
+         timings["plain prefill"], reprefill["extra / plain prefill"], "")
+    )  # fmt: skip
+    return rows
+
+
+ROW_BUILDERS = {
+    "decode_step": _decode_rows,
+    "switch_step": _switch_rows,
+    "generate": _generate_rows,
+    "batch": _batch_rows,
+    "consistent": _consistent_rows,
+    "continuous_batching": _continuous_batching_rows,
+}
+"""How each section's measurements read in the table, in the table's order."""
+
+
+def print_switch_cost(switch_cost: list[dict]) -> None:
     print("\n| prefix length | recompute | plain prefill | recompute / prefill | rerotate | stale (upstream loop) |")
     print("|---|---|---|---|---|---|")
-    for row in results["switch_cost"]:
+    for row in switch_cost:
         timings = row["timings"]
         print(
             f"| {row['prefix_length']} | {format_timing(timings['recompute'])} | "
@@ -487,6 +626,9 @@ def plot_switch_cost(path: Path, rows: list[dict], title: str) -> bool:
     return True
 
 
+SECTIONS = ("decode_step", "switch_step", "generate", "batch", "consistent", "switch_cost", "continuous_batching")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="`cpu` (default) or `cuda`")
@@ -505,6 +647,12 @@ def parse_args(argv=None):
         help="prefix lengths of the switch-cost table (default: 1/2, 1, 2 and 4 times the switch point)",
     )
     parser.add_argument("--output-dir", type=Path, default=Path("out/bench"))
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        help="measure only these (default: all); the tables print what was measured",
+    )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA device")
@@ -543,8 +691,11 @@ def main(argv=None):
         "batch": lambda: bench_batch(model, args),
         "consistent": lambda: bench_consistent(model, args),
         "switch_cost": lambda: bench_switch_cost(model, args),
+        "continuous_batching": lambda: bench_continuous_batching(model, args),
     }
     for name, measure in sections.items():
+        if args.sections and name not in args.sections:
+            continue
         print(f"measuring {name}...", flush=True)
         results[name] = measure()
     print_tables(results)
@@ -554,6 +705,8 @@ def main(argv=None):
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {json_path}")
     title = f"Cost of the longrope switch, {args.model} {results['dtype']} on {args.device}"
+    if "switch_cost" not in results:
+        return
     if plot_switch_cost(args.output_dir / "switch_cost.png", results["switch_cost"], title):
         print(f"wrote {args.output_dir / 'switch_cost.png'}")
     else:
