@@ -162,6 +162,84 @@ again. Releases with continuous batching before it (4.56 on) warn, once per mana
 frequencies depend on the length; asynchronous batching and CUDA graphs warn on every release."""
 
 
+@dataclass(frozen=True)
+class DecoratedMethod:
+    """
+    A method of transformers' continuous batching that gets a decorator of
+    `modeling_overrides/generation/continuous_batching.py`, at run time and in the pull request alike.
+
+    Args:
+        module: its module in `transformers.generation.continuous_batching`.
+        owner: its class.
+        method: its name.
+        decorator: the decorator's name.
+        parameters: the parameters its signature starts with (checked before it is replaced).
+        fingerprint: source fragments it contains (checked likewise).
+        tracks_cache: it is about the cache (left as it is when every stale-cache policy is `"ignore"`).
+    """
+
+    module: str
+    owner: str
+    method: str
+    decorator: str
+    parameters: tuple[str, ...]
+    fingerprint: tuple[str, ...]
+    tracks_cache: bool
+
+
+CONTINUOUS_BATCHING_METHODS = (
+    DecoratedMethod(
+        "input_outputs",
+        "ContinuousBatchingIOs",
+        "prepare_batch_tensors",
+        "with_request_rope_lengths",
+        ("self", "requests_in_batch"),
+        ("state.position_offset += query_length", "self.requests_in_batch.append(future_state)"),
+        tracks_cache=False,
+    ),
+    DecoratedMethod(
+        "model_runner",
+        "ModelRunner",
+        "compute_batch",
+        "rotate_each_request_alone",
+        ("self", "model", "batch_data"),
+        ("forward_fn(model, batch_data",),
+        tracks_cache=False,
+    ),
+    DecoratedMethod(
+        "continuous_api",
+        "ContinuousBatchProcessor",
+        "prepare_next_batch",
+        "recompute_crossing_requests",
+        ("self",),
+        ("self.scheduler.schedule_batch(",),
+        tracks_cache=True,
+    ),
+    DecoratedMethod(
+        "cache",
+        "PagedAttentionCache",
+        "search_prefix_match",
+        "share_prefix_within_first_regime",
+        ("self", "request_id", "prompt_ids"),
+        ("match_prefix_blocks(prompt_ids)",),
+        tracks_cache=True,
+    ),
+    DecoratedMethod(
+        "cache",
+        "PagedAttentionCache",
+        "mark_complete_blocks",
+        "mark_blocks_within_first_regime",
+        ("self", "state", "complete_blocks"),
+        ("state.initial_tokens + state.generated_tokens",),
+        tracks_cache=True,
+    ),
+)
+"""Where the continuous-batching fix attaches, from `CONTINUOUS_BATCHING_FROM` on."""
+
+CONTINUOUS_BATCHING_MODULE = "generation.continuous_batching.rope"
+"""Where `modeling_overrides/generation/continuous_batching.py` goes in transformers (the pull request)."""
+
+
 def supported_requirement() -> str:
     """The transformers requirement the tested releases support: from the oldest to the newest one's minor."""
     major, minor = _release_tuple(NEWEST_TESTED_VERSION)

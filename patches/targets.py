@@ -42,6 +42,7 @@ from .binding import (
 )
 from .coverage import (
     CONTINUOUS_BATCHING_FROM,
+    CONTINUOUS_BATCHING_METHODS,
     LEFT_OUT_MODELS,
     MODEL_CLASS_SUFFIXES,
     MODELS,
@@ -440,24 +441,15 @@ def model_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upstr
     return bindings
 
 
-def _continuous_batching_binding(owner: type, attribute: str, decorator, parameters: list[str], *fingerprint: str):
-    return Binding(
-        name=f"{owner.__name__}.{attribute}",
-        owner=owner,
-        attribute=attribute,
-        replacement=decorator,
-        check=all_checks(expect_leading_parameters(parameters), expect_source(*fingerprint)),
-    )
-
-
 def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Binding]:
     """
     Continuous batching (`generate_batch`, `transformers serve --continuous-batching`), from
-    `coverage.CONTINUOUS_BATCHING_FROM`: each packed request rotated with its own length's frequencies and, unless every
-    cache is ignored, a request that crosses the switch prefilled again and prefix sharing kept within the first RoPE
-    regime (`modeling_overrides/generation/continuous_batching.py`). Releases with continuous batching before it get a
-    warning when a model with such a RoPE starts it; releases without it, nothing.
+    `coverage.CONTINUOUS_BATCHING_FROM`: the decorators of `coverage.CONTINUOUS_BATCHING_METHODS` (each packed request
+    rotated with its own length's frequencies and, unless every cache is ignored, a request that crosses the switch
+    prefilled again and prefix sharing kept within the first RoPE regime). Releases with continuous batching before
+    it get a warning when a model with such a RoPE starts it; releases without it, nothing.
     """
+    import importlib
     import importlib.util
 
     import transformers
@@ -465,61 +457,34 @@ def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Bin
 
     if importlib.util.find_spec("transformers.generation.continuous_batching") is None:
         return []
-    from transformers.generation.continuous_batching import continuous_api
-
+    package = "transformers.generation.continuous_batching"
     if _release_tuple(transformers.__version__) < _release_tuple(CONTINUOUS_BATCHING_FROM):
-        manager = continuous_api.ContinuousBatchingManager
+        manager = importlib.import_module(f"{package}.continuous_api").ContinuousBatchingManager
         return [
-            _continuous_batching_binding(
-                manager, "__init__", rope_batching.warn_in_unsupported_release, ["self", "model"]
+            Binding(
+                name="ContinuousBatchingManager.__init__",
+                owner=manager,
+                attribute="__init__",
+                replacement=rope_batching.warn_in_unsupported_release,
+                check=expect_leading_parameters(["self", "model"]),
             )
         ]
-    from transformers.generation.continuous_batching import cache, input_outputs, model_runner
-
-    bindings = [
-        _continuous_batching_binding(
-            input_outputs.ContinuousBatchingIOs,
-            "prepare_batch_tensors",
-            rope_batching.with_request_rope_lengths,
-            ["self", "requests_in_batch"],
-            "state.position_offset += query_length",
-            "self.requests_in_batch.append(future_state)",
-        ),
-        _continuous_batching_binding(
-            model_runner.ModelRunner,
-            "compute_batch",
-            rope_batching.rotate_each_request_alone,
-            ["self", "model", "batch_data"],
-            "forward_fn(model, batch_data",
-        ),
-    ]
-    if not _tracks_any_cache(stale_cache_policy):
-        return bindings
-    bindings.append(
-        _continuous_batching_binding(
-            continuous_api.ContinuousBatchProcessor,
-            "prepare_next_batch",
-            rope_batching.recompute_crossing_requests,
-            ["self"],
-            "self.scheduler.schedule_batch(",
+    bindings = []
+    for method in CONTINUOUS_BATCHING_METHODS:
+        if method.tracks_cache and not _tracks_any_cache(stale_cache_policy):
+            continue
+        owner = getattr(importlib.import_module(f"{package}.{method.module}"), method.owner)
+        bindings.append(
+            Binding(
+                name=f"{method.owner}.{method.method}",
+                owner=owner,
+                attribute=method.method,
+                replacement=getattr(rope_batching, method.decorator),
+                check=all_checks(
+                    expect_leading_parameters(list(method.parameters)), expect_source(*method.fingerprint)
+                ),
+            )
         )
-    )
-    bindings += [
-        _continuous_batching_binding(
-            cache.PagedAttentionCache,
-            "search_prefix_match",
-            rope_batching.share_prefix_within_first_regime,
-            ["self", "request_id", "prompt_ids"],
-            "match_prefix_blocks(prompt_ids)",
-        ),
-        _continuous_batching_binding(
-            cache.PagedAttentionCache,
-            "mark_complete_blocks",
-            rope_batching.mark_blocks_within_first_regime,
-            ["self", "state", "complete_blocks"],
-            "state.initial_tokens + state.generated_tokens",
-        ),
-    ]
     return bindings
 
 

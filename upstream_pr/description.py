@@ -4,7 +4,7 @@ import csv
 from pathlib import Path
 
 from .plan import make_plan, model_coverage, read_release
-from .pr_tests import pr_test_modules
+from .pr_tests import CONTINUOUS_BATCHING_TESTS, pr_test_modules
 
 
 def _strategy_figures(figures_dir: Path) -> list[str]:
@@ -141,3 +141,8 @@ PR_TEST_DESCRIPTIONS = {
     "`LlamaSequenceDependentRopeCacheTest`: longrope and dynamic NTK in a hand-written loop, longrope in `generate()`.",
 }
 """What each test module the pull request adds checks (see `pr_tests`)."""
+PR_TEST_DESCRIPTIONS[CONTINUOUS_BATCHING_TESTS] = (
+    f"- `{CONTINUOUS_BATCHING_TESTS}`, `ContinuousBatchingLongRopeTest`: `generate_batch` with requests that cross "
+    "the switch, stay short and start long, packed (eager and sdpa, chunked prefill), each against that request "
+    "decoded alone without cache."
+)

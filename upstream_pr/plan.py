@@ -18,8 +18,12 @@ from pathlib import Path
 from packaging.version import Version
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
+from modeling_overrides.generation import continuous_batching
 from patches import versions
 from patches.coverage import (
+    CONTINUOUS_BATCHING_FROM,
+    CONTINUOUS_BATCHING_METHODS,
+    CONTINUOUS_BATCHING_MODULE,
     LEFT_OUT_MODELS,
     MODEL_CLASS_SUFFIXES,
     MODELS,
@@ -590,22 +594,48 @@ def _rope_utils_plan(tree: Path) -> FilePlan:
     return FilePlan(relative, [InsertAfterStatement("ROPE_INIT_FUNCTIONS", sources), *imports])
 
 
+def _relative_module(target: str, package: str) -> str:
+    """How a module of `package` (dotted, inside `transformers`; `""` for the top) imports `target` relatively."""
+    package_parts, target_parts = package.split(".") if package else [], target.split(".")
+    common = 0
+    while (
+        common < len(package_parts)
+        and common < len(target_parts) - 1
+        and package_parts[common] == target_parts[common]
+    ):
+        common += 1
+    return "." * (len(package_parts) - common + 1) + ".".join(target_parts[common:])
+
+
 def _rope_cache_module_text(release: Version) -> str:
+    """`modeling_overrides/rope_cache_utils.py` as `src/transformers/rope_cache_utils.py`."""
+    return _transplanted_module_text(Path(rope_cache_utils.__file__), "", "", release)
+
+
+def _transplanted_module_text(path: Path, overrides_package: str, package: str, release: Version) -> str:
     """
-    `modeling_overrides/rope_cache_utils.py` as a module of `src/transformers/`: absolute imports made relative, and
-    for 4.x releases (which still run on Python 3.9) annotations postponed, as PEP 604 unions need.
+    A module of `modeling_overrides/` (`path`, in its package `overrides_package`) as a module of transformers'
+    `package`: its imports of transformers and of `modeling_overrides` (which mirrors transformers' layout) made
+    relative, and for 4.x releases (which still run on Python 3.9) annotations postponed, as PEP 604 unions need.
     """
-    text = Path(rope_cache_utils.__file__).read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
     module = ast.parse(text)
     imports = [node for node in module.body if isinstance(node, ast.ImportFrom)]
     relative_imports = []
     for node in imports:
         if node.module and (node.level > 0 or node.module.split(".")[0] == "transformers"):
-            module_name = node.module.removeprefix("transformers.") if node.level == 0 else node.module
+            if node.level == 0:
+                target = node.module.removeprefix("transformers.")
+            else:
+                base = overrides_package.split(".")[: len(overrides_package.split(".")) - (node.level - 1)]
+                target = ".".join([part for part in base if part] + [node.module])
+            module_name = _relative_module(target, package)
             statement = "".join(lines[node.lineno - 1 : node.end_lineno])
-            statement = re.sub(r"^from \S+ import", f"from .{module_name} import", statement)
-            relative_imports.append((module_name, node.lineno - 1, node.end_lineno, statement))
+            statement = re.sub(r"^from \S+ import", f"from {module_name} import", statement)
+            # isort's order of relative imports: the furthest first
+            sort_key = (-(len(module_name) - len(module_name.lstrip("."))), module_name.lstrip("."))
+            relative_imports.append((sort_key, node.lineno - 1, node.end_lineno, statement))
     # The package's own imports become one block of relative ones, in isort's order, where the first stood
     first_line = min(start for _, start, _, _ in relative_imports)
     dropped = {line for _, start, end, _ in relative_imports for line in range(start, end)}
@@ -691,6 +721,44 @@ def _check_every_covered_model_is_decorated(plans: list[FilePlan], covered: dict
         raise UnrecognisedTreeError(f"the covered forward passes of {missing} are not decorated")
 
 
+def _continuous_batching_plans(tree: Path, release: Version) -> list[FilePlan]:
+    """
+    Continuous batching, from `CONTINUOUS_BATCHING_FROM`: `modeling_overrides/generation/continuous_batching.py` as a
+    new module (`CONTINUOUS_BATCHING_MODULE`), and its decorators on the methods of `CONTINUOUS_BATCHING_METHODS`,
+    each checked as the run-time patches check it (its parameters).
+    """
+    if release.release[:2] < tuple(int(part) for part in CONTINUOUS_BATCHING_FROM.split(".")):
+        return []
+    package, _, module_name = CONTINUOUS_BATCHING_MODULE.rpartition(".")
+    directory = tree / "src" / "transformers" / Path(*package.split("."))
+    new_module = FilePlan(
+        str((directory / f"{module_name}.py").relative_to(tree)),
+        new_text=_transplanted_module_text(Path(continuous_batching.__file__), "generation", package, release),
+    )
+    edits_by_module = {}
+    for method in CONTINUOUS_BATCHING_METHODS:
+        class_node = find_class(
+            ast.parse((directory / f"{method.module}.py").read_text(encoding="utf-8")), method.owner
+        )
+        function = find_function(class_node.body, method.method) if class_node is not None else None
+        found = [argument.arg for argument in function.args.args] if function is not None else None
+        if found is None or found[: len(method.parameters)] != list(method.parameters):
+            raise UnrecognisedTreeError(
+                f"{method.owner}.{method.method} in {method.module}.py is not the one the diff decorates (parameters "
+                f"{found}, expected to start with {list(method.parameters)})"
+            )
+        edits = edits_by_module.setdefault(method.module, [])
+        edits += [
+            AddDecorator(method.owner, method.method, method.decorator),
+            AddImportFrom(1, module_name, (method.decorator,)),
+        ]
+    plans = [
+        FilePlan(str((directory / f"{module}.py").relative_to(tree)), edits)
+        for module, edits in edits_by_module.items()
+    ]
+    return [new_module, *plans]
+
+
 def make_plan(tree: Path, scope: str = "all") -> list[FilePlan]:
     """
     The files a pull request changes in the transformers source tree `tree`, and how. `scope` is `"all"`, every model
@@ -731,4 +799,6 @@ def make_plan(tree: Path, scope: str = "all") -> list[FilePlan]:
         if plan is not None:
             plans.append(plan)
     _check_every_covered_model_is_decorated(plans, covered)
+    if scope == "all":
+        plans += _continuous_batching_plans(tree, release)
     return plans

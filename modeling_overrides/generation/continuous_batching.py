@@ -39,6 +39,8 @@ from functools import wraps
 
 import torch
 
+from transformers.generation.continuous_batching.requests import RequestStatus
+
 from ..modeling_rope_utils import PackedSequenceLengths, get_rope_type, packed_sequence_lengths
 from ..rope_cache_utils import (
     StaleRopeCacheError,
@@ -166,8 +168,6 @@ def requeue_for_prefill(scheduler, state) -> None:
     does, `RequestState.create_equivalent_initial_request`): its blocks are freed and not kept for prefix reuse, its
     generated tokens and log-probabilities are kept, and its result reads as if it had never been interrupted.
     """
-    from transformers.generation.continuous_batching.requests import RequestStatus
-
     new_state = state.create_equivalent_initial_request()
     scheduler.cache.free_blocks(state.request_id, no_cache=True)
     state._status = RequestStatus.FINISHED

@@ -9,14 +9,18 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from patches.coverage import pull_request_models
+from patches.coverage import CONTINUOUS_BATCHING_FROM, pull_request_models
 
 
 _HERE = Path(__file__).parent
 
+CONTINUOUS_BATCHING_TESTS = "tests/generation/test_continuous_batching.py"
+"""Where the continuous-batching tests go: with the whole pull request, from `CONTINUOUS_BATCHING_FROM`."""
+
 PR_TEST_MODULES = {
     "tests/models/phi3/test_modeling_phi3.py": (_HERE / "phi3.py").read_text(encoding="utf-8"),
     "tests/models/llama/test_modeling_llama.py": (_HERE / "llama.py").read_text(encoding="utf-8"),
+    CONTINUOUS_BATCHING_TESTS: (_HERE / "continuous_batching.py").read_text(encoding="utf-8"),
 }
 """Upstream test file -> the module of tests the pull request adds to it, written for the current cache API."""
 
@@ -80,6 +84,8 @@ def pr_test_modules(release: Version, scope: str = "all") -> dict[str, str]:
     """`PR_TEST_MODULES` of the models in `scope` (see `patches.coverage.pull_request_models`), as written for
     `release`'s public API (see `OLDER_API`)."""
     in_scope = {f"tests/models/{name}/test_modeling_{name}.py" for name in pull_request_models(scope)}
+    if scope == "all" and release.release[:2] >= tuple(int(part) for part in CONTINUOUS_BATCHING_FROM.split(".")):
+        in_scope.add(CONTINUOUS_BATCHING_TESTS)
     modules = {path: text for path, text in PR_TEST_MODULES.items() if path in in_scope}
     for since, only_in, current, older in OLDER_API:
         if release >= Version(since):
