@@ -453,10 +453,12 @@ def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Bin
     import importlib.util
 
     import transformers
-    from modeling_overrides.generation import continuous_batching as rope_batching
 
     if importlib.util.find_spec("transformers.generation.continuous_batching") is None:
         return []
+    # Imported only here: it imports the release's continuous batching
+    from modeling_overrides.generation import continuous_batching as rope_batching
+
     package = "transformers.generation.continuous_batching"
     if _release_tuple(transformers.__version__) < _release_tuple(CONTINUOUS_BATCHING_FROM):
         manager = importlib.import_module(f"{package}.continuous_api").ContinuousBatchingManager

@@ -18,7 +18,6 @@ from pathlib import Path
 from packaging.version import Version
 
 from modeling_overrides import modeling_rope_utils, rope_cache_utils
-from modeling_overrides.generation import continuous_batching
 from patches import versions
 from patches.coverage import (
     CONTINUOUS_BATCHING_FROM,
@@ -66,6 +65,8 @@ and from 4.45 its causal LM warns at the switch: both get the code of
 `modeling_overrides/models/phi3/modeling_phi3_v4_46.py` (see `patches/targets.py`)."""
 
 PHI3_V4_46 = OVERRIDES / "models" / "phi3" / "modeling_phi3_v4_46.py"
+CONTINUOUS_BATCHING_OVERRIDES = OVERRIDES / "generation" / "continuous_batching.py"
+"""Read as text, not imported: it imports the continuous batching of releases that have it (5.23 on)."""
 V4_46_SWITCH_WARNING = "you may encounter nonsensical outputs"
 """What the switch warning of Phi-3's causal LM `forward` says (4.45 to 4.47)."""
 
@@ -733,7 +734,7 @@ def _continuous_batching_plans(tree: Path, release: Version) -> list[FilePlan]:
     directory = tree / "src" / "transformers" / Path(*package.split("."))
     new_module = FilePlan(
         str((directory / f"{module_name}.py").relative_to(tree)),
-        new_text=_transplanted_module_text(Path(continuous_batching.__file__), "generation", package, release),
+        new_text=_transplanted_module_text(CONTINUOUS_BATCHING_OVERRIDES, "generation", package, release),
     )
     edits_by_module = {}
     for method in CONTINUOUS_BATCHING_METHODS:

@@ -31,6 +31,7 @@ from patches.coverage import CONTINUOUS_BATCHING_FROM, LEFT_OUT_MODELS
 from patches.coverage import MODELS as COVERED_MODELS
 from patches.reference import continuous_batching_errors
 from patches.targets import covered_model as covered_module
+from patches.targets import installed_era
 from transformers.testing_utils import require_torch
 from transformers.utils import logging
 
@@ -139,8 +140,11 @@ class StandardRopeModelsTest(QuietTestCase):
         for module_name, model_row in COVERED_MODELS.items():
             prefix = model_row.prefix
             module, _ = covered_module(module_name)
+            rotary = f"{prefix}RotaryEmbedding"
+            if module_name == "phi3" and installed_era().phi3_rotary_override == "modeling_phi3_v4_46":
+                rotary = "Phi3LongRoPEScaledRotaryEmbedding"  # 4.44-4.47: the per-layer rotary embedding
             expected = {
-                f"{prefix}RotaryEmbedding.forward",
+                f"{rotary}.forward",
                 f"{prefix}Model.forward",
                 f"{prefix}ForCausalLM.forward",
                 f"{prefix}ForCausalLM.prepare_inputs_for_generation",
