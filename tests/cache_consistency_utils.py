@@ -4,6 +4,7 @@ Shared helpers for the cache-consistency tests. The tiny models and the no-cache
 """
 
 import inspect
+import unittest
 
 import torch
 from packaging.version import Version
@@ -43,6 +44,7 @@ from patches.tiny_models import (  # noqa: F401
     tiny_standard_model,
 )
 from transformers import Phi3ForCausalLM
+from transformers.utils import logging
 
 
 LOGITS_TO_KEEP_ARGUMENT = next(
@@ -226,3 +228,13 @@ class LongRopeDecodingTesterMixin:
         with patches.applied():
             _, errors = generate_errors(self.model, random_tokens(SWITCH_POINT - 3), max_new_tokens=8, do_sample=False)
         self.assertMatchesNoCache(errors)
+
+
+class QuietTestCase(unittest.TestCase):
+    """transformers' notices (longrope's `original_max_position_embeddings`, lengths past the maximum) silenced."""
+
+    @classmethod
+    def setUpClass(cls):
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        cls.addClassCleanup(logging.set_verbosity, verbosity)

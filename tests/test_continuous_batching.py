@@ -29,9 +29,8 @@ import patches
 from patches.coverage import CONTINUOUS_BATCHING_FROM
 from patches.reference import continuous_batching_errors, greedy_alone
 from patches.tiny_models import SWITCH_POINT, random_tokens, tiny_phi3_model, tiny_standard_model
-from transformers.utils import logging
 
-from .cache_consistency_utils import TRANSFORMERS_VERSION
+from .cache_consistency_utils import TRANSFORMERS_VERSION, QuietTestCase
 
 
 SUPPORTED = TRANSFORMERS_VERSION.release[:2] >= tuple(int(part) for part in CONTINUOUS_BATCHING_FROM.split("."))
@@ -71,13 +70,7 @@ def collect_results(manager, request_ids: list[str], results: dict, timeout: flo
     return results
 
 
-class QuietTestCase(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-        cls.addClassCleanup(logging.set_verbosity, verbosity)
-
+class ContinuousBatchingTestCase(QuietTestCase):
     def assertEveryRequestAsAlone(self, results):
         for index, (same_tokens, error) in enumerate(results):
             self.assertTrue(same_tokens, f"request {index}: its tokens differ from decoding it alone ({results})")
@@ -85,7 +78,7 @@ class QuietTestCase(unittest.TestCase):
 
 
 @unittest.skipUnless(SUPPORTED, SKIP_REASON)
-class ContinuousBatchingTest(QuietTestCase):
+class ContinuousBatchingTest(ContinuousBatchingTestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
@@ -181,7 +174,7 @@ class ContinuousBatchingTest(QuietTestCase):
 
 
 @unittest.skipUnless(SUPPORTED, SKIP_REASON)
-class ContinuousBatchingUpstreamTest(QuietTestCase):
+class ContinuousBatchingUpstreamTest(ContinuousBatchingTestCase):
     """What the patches fix, without them: packed requests share the factors of the longest, crossing ones go stale."""
 
     def test_upstream_decodes_packed_requests_wrongly(self):
@@ -196,7 +189,7 @@ HAS_CONTINUOUS_BATCHING = importlib.util.find_spec("transformers.generation.cont
 @unittest.skipUnless(
     HAS_CONTINUOUS_BATCHING and not SUPPORTED, "a release with continuous batching the patches do not protect"
 )
-class UnprotectedContinuousBatchingTest(QuietTestCase):
+class UnprotectedContinuousBatchingTest(ContinuousBatchingTestCase):
     def test_warns_when_a_model_with_such_a_rope_starts_it(self):
         from transformers import GenerationConfig
 

@@ -33,12 +33,12 @@ from patches.reference import continuous_batching_errors
 from patches.targets import covered_model as covered_module
 from patches.targets import installed_era
 from transformers.testing_utils import require_torch
-from transformers.utils import logging
 
 from ..cache_consistency_utils import (
     FP32_TOLERANCE,
     SWITCH_POINT,
     TRANSFORMERS_VERSION,
+    QuietTestCase,
     generate_errors,
     hand_written_loop_errors,
     no_cache_logits,
@@ -101,16 +101,6 @@ def upstream_switches_longrope(module_name: str) -> bool:
     module, _ = covered_module(module_name)
     rotary_embedding = getattr(module, f"{COVERED_MODELS[module_name].prefix}RotaryEmbedding")
     return "@dynamic_rope_update" in inspect.getsource(rotary_embedding.forward)
-
-
-class QuietTestCase(unittest.TestCase):
-    """transformers' notices (longrope's `original_max_position_embeddings`, lengths past the maximum) silenced."""
-
-    @classmethod
-    def setUpClass(cls):
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-        cls.addClassCleanup(logging.set_verbosity, verbosity)
 
 
 @require_torch
