@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import is_torchdynamo_compiling
 
 
 def get_rope_type(config) -> str:
@@ -210,7 +211,10 @@ def packed_sequence_lengths(lengths: "PackedSequenceLengths") -> Iterator[None]:
 
 
 def current_packed_sequence_lengths() -> "PackedSequenceLengths":
-    """The lengths `packed_sequence_lengths` set for this thread (`None` outside it)."""
+    """The lengths `packed_sequence_lengths` set for this thread (`None` outside it, and while compiling: a context
+    variable cannot be traced, so a compiled forward pass rotates its rows as a whole)."""
+    if is_torchdynamo_compiling():
+        return None
     return PackedSequenceLengths.current.get()
 
 

@@ -276,8 +276,11 @@ def bench_continuous_batching(model, args) -> dict:
     requests: none reaching the switch, and half crossing it while decoding (each prefilled again, patched); and the
     cost of that prefill: one crossing request, patched minus unpatched, against a plain prefill of its length.
     """
-    if not hasattr(model, "generate_batch"):
-        return {"skipped": f"transformers {transformers.__version__} has no continuous batching"}
+    from patches.coverage import CONTINUOUS_BATCHING_FROM
+
+    release = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    if release < tuple(int(part) for part in CONTINUOUS_BATCHING_FROM.split(".")):
+        return {"skipped": f"the patches protect continuous batching from transformers {CONTINUOUS_BATCHING_FROM}"}
     switch, new_tokens = args.switch_point, args.switch_point // 16
     vocab = model.config.vocab_size
 

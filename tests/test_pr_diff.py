@@ -160,7 +160,10 @@ class InstalledReleaseDiffTest(unittest.TestCase):
         # Before 4.51 rotary embeddings update their own frequencies; the diff moves that to `dynamic_rope_update`,
         # as 4.51 did. Phi-3's longrope rotary `forward` becomes that of `modeling_overrides` for its release.
         for model in ("llama", "mistral", "qwen2", "phi3"):
-            before, after = self.texts[f"src/transformers/models/{model}/modeling_{model}.py"]
+            path = f"src/transformers/models/{model}/modeling_{model}.py"
+            if path not in self.texts and covered_model(model)[0] is None:
+                continue  # a model this release leaves out (Mistral and Qwen2 of 4.44 take no RoPE type) keeps its code
+            before, after = self.texts[path]
             self.assertNotIn("_dynamic_frequency_update", after, model)
             self.assertNotIn("_longrope_frequency_update", after, model)
             if "_dynamic_frequency_update" in before or "@dynamic_rope_update" in before:

@@ -590,6 +590,7 @@ def _rope_utils_plan(tree: Path) -> FilePlan:
         )
     sources = tuple(function_source(getattr(modeling_rope_utils, name)) for name in ROPE_UTILITY_FUNCTIONS)
     imports = [AddImportFrom(0, module_name, names) for module_name, names in ROPE_UTILITY_IMPORTS]
+    imports.append(AddImportFrom(1, "utils", ("is_torchdynamo_compiling",)))
     if has_decorator:
         return FilePlan(relative, [ReplaceFunction("dynamic_rope_update", sources), *imports])
     return FilePlan(relative, [InsertAfterStatement("ROPE_INIT_FUNCTIONS", sources), *imports])
