@@ -83,8 +83,9 @@ def covered_model(test, module_name: str, rope_type: str = "longrope"):
     try:
         tiny = model(module_name, rope_type)
     except Exception as error:
-        # A config's validation error: a `ValueError`, or from 5.0 a strict dataclass's validation error
-        if not isinstance(error, ValueError) and "Validation" not in type(error).__name__:
+        # A config's validation error: a `ValueError` (a `TypeError` for a field of the wrong type, 4.57), or from 5.0
+        # a strict dataclass's validation error
+        if not isinstance(error, (ValueError, TypeError)) and "Validation" not in type(error).__name__:
             raise
         if "rope" not in str(error).lower():
             raise
