@@ -18,6 +18,8 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
+import torch
+
 from modeling_overrides.rope_cache_utils import (
     DEFAULT_STALE_CACHE_POLICIES,
     STALE_CACHE_POLICIES,
@@ -114,6 +116,17 @@ class ConsistentDecodingUnavailableError(RuntimeError):
     """`consistent=True` was asked of a transformers release whose attention it cannot replace."""
 
 
+def _verify_consistent_kernels() -> None:
+    """Refuses consistent decoding where this machine's kernels are not row-invariant (checked once per thread count)."""
+    from modeling_overrides.integrations.consistent_decoding import RowInvarianceError, verify_kernels
+
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    try:
+        verify_kernels(devices)
+    except RowInvarianceError as error:
+        raise ConsistentDecodingUnavailableError(f"{error}\nNothing was changed.") from error
+
+
 def apply(
     stale_cache: str | dict[str, str] | None = None, force: bool = False, consistent: bool = False
 ) -> PatchStatus:
@@ -135,10 +148,12 @@ def apply(
             an `UnprotectedPathsWarning` then names what is left unprotected.
         consistent (`bool`, defaults to `False`):
             Make cached decoding bitwise equal to the forward pass without cache over the same tokens, for the Llama
-            and Phi-3 families: every `torch.nn.Linear` (in the whole process) computes over fixed row tiles, and
-            their attention, requested as `"eager"` or `"sdpa"`, over fixed query tiles and key blocks (see
-            `modeling_overrides/integrations/consistent_decoding.py`). Costs speed; verified on CPU. Without it,
-            outputs are bitwise what they were.
+            and Phi-3 families: every `torch.nn.Linear` and SiLU (in the whole process) computes each row as if it
+            came alone, and their attention, requested as `"eager"` (with attention weights) or `"sdpa"`, over fixed
+            query tiles and key blocks (see `modeling_overrides/integrations/consistent_decoding.py`). First checks,
+            in about a second, that this machine's kernels are row-invariant in fp32, bf16 and fp16 with the current
+            thread count, and each new weight shape is checked at its first product. Costs speed (see
+            `docs/measurements.md`). Without it, outputs are bitwise what they were.
 
     Returns:
         The `PatchStatus` after the call.
@@ -150,7 +165,8 @@ def apply(
             signature or code changed), naming each and why, unless `force=True`. Nothing is changed: the patches
             apply whole or not at all.
         `ConsistentDecodingUnavailableError`: for `consistent=True` on a release before 4.48, whose models do not
-            share attention functions. Nothing is changed.
+            share attention functions, or on a machine whose kernels are not row-invariant (naming each). Nothing is
+            changed.
     """
     global _applied, _consistent
     _expect_bool("force", force)
@@ -173,6 +189,8 @@ def apply(
             f"consistent=True needs transformers>=4.48, whose models share attention functions "
             f"(`ALL_ATTENTION_FUNCTIONS`, `eager_attention_forward`); {version} is installed. Nothing was changed."
         )
+    if consistent:
+        _verify_consistent_kernels()
 
     with _lock:
         wanted = all_bindings(policy, upstream_attribute=_upstream_attribute, consistent=consistent)

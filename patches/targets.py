@@ -495,20 +495,32 @@ EAGER_ATTENTION_PARAMETERS = ["module", "query", "key", "value", "attention_mask
 
 def _attention_functions_with_consistent_sdpa(original):
     """A copy of a modeling module's `ALL_ATTENTION_FUNCTIONS` whose `"sdpa"` is the consistent attention."""
-    from modeling_overrides.integrations.consistent_decoding import consistent_attention_forward
+    from modeling_overrides.integrations.consistent_decoding import consistent_sdpa_attention_forward
 
     if isinstance(original, dict):  # before 4.51
-        return {**original, "sdpa": consistent_attention_forward}
+        return {**original, "sdpa": consistent_sdpa_attention_forward}
     functions = type(original)()
-    functions["sdpa"] = consistent_attention_forward  # a local entry, which takes precedence over the global ones
+    functions["sdpa"] = consistent_sdpa_attention_forward  # a local entry, which takes precedence over the global ones
     return functions
+
+
+def _silu_classes() -> list[type]:
+    """The classes `ACT2FN["silu"]` and `ACT2FN["swish"]` build on the installed release."""
+    from transformers import activations
+
+    classes = [torch.nn.SiLU]
+    if hasattr(activations, "SiLUActivation") and activations.SiLUActivation not in classes:
+        classes.append(activations.SiLUActivation)  # 5.x
+    return classes
 
 
 def consistent_decoding_bindings() -> list[Binding]:
     """
-    The bindings of `consistent=True`: every `nn.Linear` computes over fixed row tiles, and the attention of the
-    Llama and Phi-3 families (requested as `"eager"` or `"sdpa"`) over fixed query tiles and key blocks. Empty when
-    the installed release does not share attention functions through `ALL_ATTENTION_FUNCTIONS` (before 4.48).
+    The bindings of `consistent=True`: every `nn.Linear` multiplies its rows in a way verified row-invariant on the
+    running machine, SiLU is computed with kernels vectorised to the last element, and the attention of the models
+    marked `consistent` in the table (requested as `"eager"` or `"sdpa"`) over fixed query tiles and key blocks.
+    Empty when the installed release does not share attention functions through `ALL_ATTENTION_FUNCTIONS` (before
+    4.48).
     """
 
     from modeling_overrides.integrations import consistent_decoding
@@ -526,7 +538,7 @@ def consistent_decoding_bindings() -> list[Binding]:
                 name=f"modeling_{module_name}.eager_attention_forward",
                 owner=module,
                 attribute="eager_attention_forward",
-                replacement=lambda original: consistent_decoding.consistent_attention_forward,
+                replacement=lambda original: consistent_decoding.consistent_eager_attention_forward,
                 check=expect_parameters(EAGER_ATTENTION_PARAMETERS),
             ),
             Binding(
@@ -548,6 +560,16 @@ def consistent_decoding_bindings() -> list[Binding]:
             check=expect_parameters(["self", "input"]),
         )
     )
+    for silu_class in _silu_classes():
+        bindings.append(
+            Binding(
+                name=f"{silu_class.__module__}.{silu_class.__name__}.forward",
+                owner=silu_class,
+                attribute="forward",
+                replacement=lambda original: consistent_decoding.SiLU.forward,
+                check=expect_parameters(["self", "input"]),
+            )
+        )
     return bindings
 
 

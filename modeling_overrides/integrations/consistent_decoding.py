@@ -12,54 +12,173 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Batch-invariant linear layers and attention: a token's result does not depend on how many other tokens were computed
-with it, so that a decode step through a KV cache gives bitwise the logits of the forward pass without cache.
+Batch-invariant linear layers, activation and attention: a token's result does not depend on how many other tokens
+were computed with it, so that a decode step through a KV cache gives bitwise the logits of the forward pass without
+cache.
 
 A decode step multiplies one row by each weight matrix, where the forward pass without cache multiplies the same row
-inside a matrix of all the sequence's rows; matrix-product kernels pick their blocking, and so their order of
-accumulation, by shape, and the two results differ in the last bits (about 1e-6 in fp32 here; ~0.1 in bf16 on GPU
-for a 7B model). Two rules remove the difference:
+inside a matrix of all the sequence's rows. Three things make the two differ in the last bits:
 
-- every matrix product runs on tiles of a fixed shape (`ROW_TILE` rows for the linear layers, `QUERY_TILE` queries by
-  `KEY_BLOCK` keys in attention), padded with zeros, so that each row meets the same kernel whatever came with it;
-- attention accumulates over fixed key blocks, aligned at position 0, in a fixed order (online softmax), so that a
-  query sees the same arithmetic whether its keys came from the cache or from the same forward pass. Masked and
-  padded keys contribute exact zeros.
+- matrix-product kernels pick their blocking, and so their order of accumulation, by shape (with MKL in fp32 a
+  product of 1, 2, 3, 5 or 7 rows rounds differently from one of 4, 8 or more);
+- elementwise kernels split a tensor between threads at arbitrary elements, and some (SiLU, sigmoid) compute the
+  leftover elements of a thread's share with a scalar formula that rounds differently from their vectorised one;
+- attention sums over as many keys as the query sees in a decode step, but over the whole sequence (masked) in the
+  forward pass without cache, in a different order.
 
-Reductions outside matrix products (norms, softmax within a block) are row-local already.
+The rules that remove them, section by section below:
+
+1. **Products**: each linear layer multiplies its rows in a way verified, on the running machine and for the
+   layer's shape, dtype and thread count, to give every row the same result whatever rows come with it
+   (`RowProducts`: one product, rows padded to a multiple of a few rows, or one product per row). The check runs
+   once per shape (`row_products_for`); where no way is row-invariant it raises `RowInvarianceError`.
+2. **Activation**: SiLU as `x / (1 + exp(-x))`, whose kernels are vectorised to the last element.
+3. **Attention**: queries in tiles of `QUERY_TILE`, keys in blocks of `KEY_BLOCK` from position 0; every block of a
+   tile is computed in one batched product, softmax with the query's exact maximum, and the blocks are summed in
+   their order (a cumulative sum), so that the masked blocks the forward pass without cache adds are exact zeros.
+4. **Verification** (`verify_kernels`): the checks above on canonical shapes in fp32, bf16 and fp16, in about a
+   second, run before consistent decoding is switched on.
 """
 
 import math
+import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-ROW_TILE = 16
-"""Rows per matrix product in linear layers: 16 keeps a prefill within ~1.3x of one large product on CPU, while a
-decode step (one row, padded to 16) stays bound by reading the weights, as before."""
+# 1. Products ----------------------------------------------------------------------------------------------------------
 
-QUERY_TILE = 16
-"""Queries per attention tile."""
+MAX_ROWS_PER_PRODUCT = 512
+"""Longer inputs are multiplied 512 rows at a time, so that no product is larger than the ones the check ran."""
 
-KEY_BLOCK = 64
-"""Keys per attention block; blocks start at position 0 of the keys, whatever the number of queries."""
+ROW_COUNTS_CHECKED = (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 200)
+"""`row_products_for` multiplies `MAX_ROWS_PER_PRODUCT` rows at once, then in pieces of each of these counts (single
+decode steps, a few sequences, ragged tails, prefill-sized products), and compares every row."""
+
+OUTPUT_FEATURES_CHECKED = 1024
+"""The check multiplies by at most this many of a weight's output features (a vocabulary-sized head is checked on
+its first 1024 rows: the order of accumulation is chosen by the number of rows and the inner dimension, which it
+keeps), so that it stays within about a second per shape."""
+
+
+class RowInvarianceError(RuntimeError):
+    """No way of multiplying rows by a weight gives each row the same result whatever rows come with it."""
+
+
+@dataclass(frozen=True)
+class RowProducts:
+    """
+    How a linear layer multiplies its rows.
+
+    Args:
+        rows_per_product: `0` for one product per row (a batch of single-row products, each as a decode step computes
+            it); otherwise the rows are padded with zeros to a multiple of this count and multiplied in products of
+            at most `MAX_ROWS_PER_PRODUCT` rows.
+    """
+
+    rows_per_product: int
+
+    def __call__(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        num_rows, in_features = rows.shape
+        if self.rows_per_product == 0 and num_rows > 1:
+            weights = weight.t().expand(num_rows, in_features, weight.shape[0])
+            return torch.bmm(rows[:, None], weights)[:, 0]
+        if num_rows > MAX_ROWS_PER_PRODUCT:
+            return torch.cat([self(piece, weight) for piece in rows.split(MAX_ROWS_PER_PRODUCT)])
+        padding = -num_rows % max(self.rows_per_product, 1)
+        if padding == 0:
+            return F.linear(rows, weight)
+        return F.linear(F.pad(rows, (0, 0, 0, padding)), weight)[:num_rows]
+
+    def __str__(self) -> str:
+        if self.rows_per_product == 0:
+            return "one product per row"
+        if self.rows_per_product == 1:
+            return "one product"
+        return f"one product, rows padded to a multiple of {self.rows_per_product}"
+
+
+ROW_PRODUCTS_BY_COST = (RowProducts(1), RowProducts(2), RowProducts(0), RowProducts(4), RowProducts(8), RowProducts(16))
+"""The ways tried, cheapest decode step first. With MKL in fp32 only one product per row is row-invariant (a product
+of 1, 2, 3, 5 or 7 rows rounds unlike one of 4 or 8): a decode step then costs what it did, a prefill's products
+2.5-8x more. In bf16 and fp16 one product usually is (oneDNN); one product per row would be 100x slower there."""
+
+_row_products: dict[tuple, RowProducts | RowInvarianceError] = {}
+_row_products_lock = threading.Lock()
+
+
+def _cancelling_rows_and_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Random rows and a random weight of `weight`'s shape, dtype and device, made so that any two orders of
+    accumulation round visibly differently: each row starts with a large value and ends with its opposite, which the
+    weight multiplies alike, so a row's result is the small middle terms, summed with the large ones' rounding.
+    """
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    out_features, in_features = weight.shape
+    rows = torch.randn((MAX_ROWS_PER_PRODUCT, in_features), generator=generator, device=weight.device)
+    check_weight = torch.randn((out_features, in_features), generator=generator, device=weight.device)
+    rows[:, 0] = 256 * rows[:, 0].sign()
+    rows[:, -1] = -rows[:, 0]
+    check_weight[:, -1] = check_weight[:, 0]
+    return rows.to(weight.dtype), check_weight.to(weight.dtype)
+
+
+def _is_row_invariant(products: RowProducts, weight: torch.Tensor) -> bool:
+    rows, weight = _cancelling_rows_and_weight(weight)
+    together = products(rows, weight)
+    for count in ROW_COUNTS_CHECKED:
+        pieces = torch.cat([products(piece, weight) for piece in rows.split(count)])
+        if not torch.equal(pieces, together):
+            return False
+    return True
+
+
+def row_products_for(weight: torch.Tensor) -> RowProducts:
+    """
+    The cheapest way of multiplying rows by `weight` that gives each row the same result whatever rows come with it,
+    verified once per device, dtype, shape and thread count on the running machine (`ROW_COUNTS_CHECKED`).
+
+    Raises:
+        `RowInvarianceError`: when none of `ROW_PRODUCTS_BY_COST` is row-invariant there.
+    """
+    key = (weight.device, weight.dtype, tuple(weight.shape), torch.get_num_threads())
+    with _row_products_lock:
+        if key not in _row_products:
+            _row_products[key] = _find_row_products(weight)
+        found = _row_products[key]
+    if isinstance(found, RowInvarianceError):
+        raise found
+    return found
+
+
+def _find_row_products(weight: torch.Tensor) -> RowProducts | RowInvarianceError:
+    checked = weight.detach()[:OUTPUT_FEATURES_CHECKED]
+    with torch.no_grad():
+        for products in ROW_PRODUCTS_BY_COST:
+            if _is_row_invariant(products, checked):
+                return products
+    out_features, in_features = weight.shape
+    return RowInvarianceError(
+        f"Consistent decoding cannot make the products of a {weight.dtype} {in_features}x{out_features} weight on "
+        f"{weight.device} row-invariant with {torch.get_num_threads()} threads: none of "
+        f"{', '.join(str(products) for products in ROW_PRODUCTS_BY_COST)} gives a row the same result among 1 to 64 "
+        "rows here (the BLAS and CPU decide). Use another dtype, thread count or machine, or decode without "
+        "consistent mode."
+    )
 
 
 def row_invariant_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """
-    `F.linear(input, weight, bias)`, computed over tiles of `ROW_TILE` rows: each row's result is the same whether it
-    comes alone or among any number of others.
-    """
+    """`F.linear(input, weight, bias)`, each row computed as if it came alone (see `row_products_for`)."""
     in_features, out_features = input.shape[-1], weight.shape[0]
     rows = input.reshape(-1, in_features)
-    num_rows = rows.shape[0]
-    num_tiles = max(1, math.ceil(num_rows / ROW_TILE))
-    tiles = F.pad(rows, (0, 0, 0, num_tiles * ROW_TILE - num_rows)).view(num_tiles, ROW_TILE, in_features)
-    # `bmm` runs one product of the tile's shape per tile; `matmul` would fold the tiles into one large product
-    output = torch.bmm(tiles, weight.t().expand(num_tiles, in_features, out_features))
-    output = output.reshape(num_tiles * ROW_TILE, out_features)[:num_rows]
+    if torch.compiler.is_compiling():
+        products = ROW_PRODUCTS_BY_COST[-1]  # tracing cannot run the check; 16 rows per product
+    else:
+        products = row_products_for(weight)
+    output = products(rows, weight)
     if bias is not None:
         output = output + bias
     return output.reshape(*input.shape[:-1], out_features)
@@ -68,6 +187,37 @@ def row_invariant_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.
 class Linear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return row_invariant_linear(input, self.weight, self.bias)
+
+
+# 2. Activation --------------------------------------------------------------------------------------------------------
+
+
+def row_invariant_silu(input: torch.Tensor) -> torch.Tensor:
+    """
+    SiLU whose result for an element does not depend on where a thread's share of the tensor ends: `F.silu` and
+    `torch.sigmoid` compute the last elements of a share with a scalar formula, `exp` and division are vectorised to
+    the end.
+    """
+    return input / (1 + torch.exp(-input))
+
+
+class SiLU(nn.SiLU):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return row_invariant_silu(input)
+
+
+# 3. Attention ---------------------------------------------------------------------------------------------------------
+
+QUERY_TILE = 4
+"""Queries per attention tile: a decode step pads its query to 4 (16 would make its scores 4x dearer at 4k keys),
+and a prefill's products stay large enough to be efficient (1 makes them 2.5x dearer)."""
+
+KEY_BLOCK = 64
+"""Keys per attention block; blocks start at position 0 of the keys, whatever the number of queries."""
+
+MAX_BLOCK_PARTIALS_BYTES = 256 * 2**20
+"""A prefill whose per-block partial outputs would take more memory is computed a few query tiles at a time (each
+query's arithmetic is the same either way)."""
 
 
 def _additive_mask(attention_mask, query_length: int, key_length: int, device) -> torch.Tensor:
@@ -85,7 +235,107 @@ def _additive_mask(attention_mask, query_length: int, key_length: int, device) -
     return attention_mask[..., :key_length].float()
 
 
-def consistent_attention_forward(
+def _to_tiles(tensor: torch.Tensor, rows_per_tile: int) -> torch.Tensor:
+    """`(batch, heads, rows, columns)` padded to whole tiles and viewed as `(batch, heads, tiles, rows_per_tile, columns)`."""
+    batch_size, num_heads, num_rows, num_columns = tensor.shape
+    padding = -num_rows % rows_per_tile
+    tensor = F.pad(tensor, (0, 0, 0, padding)) if padding else tensor
+    return tensor.reshape(batch_size, num_heads, -1, rows_per_tile, num_columns)
+
+
+def _blocked_attention(queries, keys, values, mask, scaling, dropout, training):
+    """
+    Attention of query tiles `(batch, heads, query_tiles, QUERY_TILE, head_dim)` over key and value blocks
+    `(batch, heads, key_blocks, KEY_BLOCK, head_dim)` with an additive mask of shape
+    `(batch, heads, query_tiles, QUERY_TILE, key_blocks, KEY_BLOCK)`. Returns the fp32 output
+    `(batch, heads, query_tiles, QUERY_TILE, head_dim)` and the attention weights
+    `(batch, heads, query_tiles, QUERY_TILE, key_blocks, KEY_BLOCK)`.
+    """
+    batch_size, num_heads, num_query_tiles, _, head_dim = queries.shape
+    num_key_blocks = keys.shape[2]
+    # One product per (query tile, key block): every tile meets the same kernel whatever the sequence length
+    entries = (batch_size, num_heads, num_query_tiles, num_key_blocks)
+    tile_queries = queries[:, :, :, None].expand(*entries, QUERY_TILE, head_dim).reshape(-1, QUERY_TILE, head_dim)
+    block_keys = keys[:, :, None].expand(*entries, KEY_BLOCK, head_dim).reshape(-1, KEY_BLOCK, head_dim)
+    scores = torch.bmm(tile_queries, block_keys.transpose(1, 2)).view(*entries, QUERY_TILE, KEY_BLOCK)
+    scores = scores.float().transpose(3, 4) * scaling + mask  # (..., QUERY_TILE, key_blocks, KEY_BLOCK)
+
+    # The maximum is exact whatever the number of masked blocks; a fully masked row keeps a zero shift
+    row_max = scores.amax(dim=(-2, -1), keepdim=True)
+    probabilities = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))
+    # Blocks summed in their order: the masked blocks after a query's last key add exact zeros
+    block_sums = probabilities.sum(dim=-1)
+    row_sums = block_sums.cumsum(dim=-1)[..., -1:, None]
+    row_sums = torch.where(row_sums == 0, 1.0, row_sums)
+    if training and dropout > 0:
+        probabilities = F.dropout(probabilities, p=dropout, training=True)
+
+    block_probabilities = probabilities.transpose(3, 4).reshape(-1, QUERY_TILE, KEY_BLOCK).to(values.dtype)
+    block_values = values[:, :, None].expand(*entries, KEY_BLOCK, head_dim).reshape(-1, KEY_BLOCK, head_dim)
+    partials = torch.bmm(block_probabilities, block_values).float().view(*entries, QUERY_TILE, head_dim)
+    output = partials.cumsum(dim=3)[:, :, :, -1] / row_sums[..., 0]
+    return output, probabilities / row_sums
+
+
+def _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks, head_dim) -> int:
+    bytes_per_query_tile = batch_size * num_heads * num_key_blocks * QUERY_TILE * max(head_dim, KEY_BLOCK) * 4
+    return max(1, min(num_query_tiles, MAX_BLOCK_PARTIALS_BYTES // bytes_per_query_tile))
+
+
+def _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights):
+    batch_size, num_heads, query_length, head_dim = query.shape
+    key_value_groups = num_heads // key.shape[1]
+    key = key.repeat_interleave(key_value_groups, dim=1)
+    value = value.repeat_interleave(key_value_groups, dim=1)
+    key_length = key.shape[2]
+    scaling = scaling if scaling is not None else head_dim**-0.5
+
+    queries = _to_tiles(query, QUERY_TILE)
+    keys, values = _to_tiles(key, KEY_BLOCK), _to_tiles(value, KEY_BLOCK)
+    num_query_tiles, num_key_blocks = queries.shape[2], keys.shape[2]
+    mask = _additive_mask(attention_mask, query_length, key_length, query.device)
+    padding = (0, num_key_blocks * KEY_BLOCK - key_length, 0, num_query_tiles * QUERY_TILE - query_length)
+    mask = F.pad(mask, padding, value=float("-inf"))
+    mask = mask.expand(batch_size, num_heads, -1, -1)
+    mask = mask.reshape(batch_size, num_heads, num_query_tiles, QUERY_TILE, num_key_blocks, KEY_BLOCK)
+
+    step = _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks, head_dim)
+    outputs, weights = [], []
+    for start in range(0, num_query_tiles, step):
+        tiles = slice(start, start + step)
+        output, attention_weights = _blocked_attention(
+            queries[:, :, tiles], keys, values, mask[:, :, tiles], scaling, dropout, module.training
+        )
+        outputs.append(output)
+        weights.append(attention_weights if return_weights else None)
+
+    output = torch.cat(outputs, dim=2).to(query.dtype).reshape(batch_size, num_heads, -1, head_dim)
+    output = output[:, :, :query_length].transpose(1, 2).contiguous()
+    if not return_weights:
+        return output, None
+    attention_weights = torch.cat(weights, dim=2).reshape(batch_size, num_heads, num_query_tiles * QUERY_TILE, -1)
+    return output, attention_weights[:, :, :query_length, :key_length].to(query.dtype)
+
+
+def consistent_eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `eager_attention_forward`, batch-invariant: a query's result does not depend on the other queries computed with
+    it, nor on whether its keys were cached. Returns the attention weights (after dropout, as eager attention does);
+    dropout applies while the module is training.
+    """
+    return _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights=True)
+
+
+def consistent_sdpa_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -96,50 +346,85 @@ def consistent_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """
-    Attention whose result for a query does not depend on the other queries computed with it, nor on whether its
-    keys were cached: queries in tiles of `QUERY_TILE`, keys in blocks of `KEY_BLOCK` from position 0, an online
-    softmax accumulated block after block in fp32. Takes the arguments of `eager_attention_forward` and
-    `sdpa_attention_forward` (a boolean, additive or absent mask); returns no attention weights.
+    `sdpa_attention_forward`, batch-invariant (see `consistent_eager_attention_forward`). Like SDPA, returns no
+    attention weights; a boolean, additive or absent mask is read as SDPA reads it.
     """
-    batch_size, num_heads, query_length, head_dim = query.shape
-    key_value_groups = num_heads // key.shape[1]
-    key = key.repeat_interleave(key_value_groups, dim=1)
-    value = value.repeat_interleave(key_value_groups, dim=1)
-    key_length = key.shape[2]
-    scaling = scaling if scaling is not None else head_dim**-0.5
+    return _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights=False)
 
-    num_query_tiles = math.ceil(query_length / QUERY_TILE)
-    num_key_blocks = math.ceil(key_length / KEY_BLOCK)
-    query_padding, key_padding = num_query_tiles * QUERY_TILE - query_length, num_key_blocks * KEY_BLOCK - key_length
-    mask = _additive_mask(attention_mask, query_length, key_length, query.device)
-    mask = F.pad(mask, (0, key_padding, 0, query_padding), value=float("-inf"))
-    mask = mask.expand(batch_size, num_heads, -1, -1)
 
-    num_tiles = batch_size * num_heads * num_query_tiles
-    queries = F.pad(query, (0, 0, 0, query_padding)).reshape(num_tiles, QUERY_TILE, head_dim)
-    keys = F.pad(key, (0, 0, 0, key_padding))
-    values = F.pad(value, (0, 0, 0, key_padding))
+# 4. Verification ------------------------------------------------------------------------------------------------------
 
-    running_max = torch.full((num_tiles, QUERY_TILE, 1), float("-inf"), device=query.device)
-    running_sum = torch.zeros((num_tiles, QUERY_TILE, 1), device=query.device)
-    accumulator = torch.zeros((num_tiles, QUERY_TILE, head_dim), device=query.device)
-    block_shape = (batch_size, num_heads, num_query_tiles, KEY_BLOCK, head_dim)
-    for block in range(num_key_blocks):
-        keys_and_values = slice(block * KEY_BLOCK, (block + 1) * KEY_BLOCK)
-        block_keys = keys[:, :, None, keys_and_values].expand(block_shape).reshape(num_tiles, KEY_BLOCK, head_dim)
-        block_values = values[:, :, None, keys_and_values].expand(block_shape).reshape(num_tiles, KEY_BLOCK, head_dim)
-        block_mask = mask[..., keys_and_values].reshape(num_tiles, QUERY_TILE, KEY_BLOCK)
-        scores = torch.bmm(queries, block_keys.transpose(1, 2)).float() * scaling + block_mask
+DTYPES_CHECKED = (torch.float32, torch.bfloat16, torch.float16)
 
-        new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
-        # Rows with every key masked so far keep a zero shift instead of -inf - -inf
-        shift = torch.where(torch.isinf(new_max), 0.0, new_max)
-        probabilities = torch.exp(scores - shift)
-        rescale = torch.exp(torch.where(torch.isinf(running_max), float("-inf"), running_max - shift))
-        running_sum = running_sum * rescale + probabilities.sum(dim=-1, keepdim=True)
-        accumulator = accumulator * rescale + torch.bmm(probabilities.to(values.dtype), block_values).float()
-        running_max = new_max
+ELEMENTWISE_WIDTHS_CHECKED = (72, 1000, 1376)
+"""Row widths of the elementwise checks: a rotary half, and intermediate sizes that are no multiple of 64."""
 
-    output = accumulator / torch.where(running_sum == 0, 1.0, running_sum)
-    output = output.to(query.dtype).reshape(batch_size, num_heads, num_query_tiles * QUERY_TILE, head_dim)
-    return output[:, :, :query_length].transpose(1, 2).contiguous(), None
+
+def _check_elementwise(device, dtype) -> list[str]:
+    """Why the elementwise functions consistent decoding relies on are not row-invariant here (empty when they are)."""
+    functions = {
+        "silu": row_invariant_silu,
+        "exp": torch.exp,
+        "cos": torch.cos,
+        "sin": torch.sin,
+        "rms norm": lambda rows: rows.float() * torch.rsqrt(rows.float().pow(2).mean(-1, keepdim=True) + 1e-6),
+    }
+    generator = torch.Generator(device=device).manual_seed(0)
+    failures = []
+    for width in ELEMENTWISE_WIDTHS_CHECKED:
+        rows = (torch.randn((1000, width), generator=generator, device=device) * 3).to(dtype)
+        for name, function in functions.items():
+            together = function(rows)
+            counts = [count for count in (1, 3, 17, 100) if not torch.equal(function(rows[:count]), together[:count])]
+            if counts:
+                failures.append(f"{name} on rows of {width} ({dtype}) differs computed among {counts} rows")
+    return failures
+
+
+def _check_attention(device, dtype) -> list[str]:
+    """Why a decode step's attention differs from the same query's in a forward pass over the whole sequence."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch_size, num_heads, num_key_value_heads, sequence_length, head_dim = 2, 8, 4, 150, 64
+
+    def random(heads):
+        shape = (batch_size, heads, sequence_length, head_dim)
+        return torch.randn(shape, generator=generator, device=device).to(dtype)
+
+    query, key, value = random(num_heads), random(num_key_value_heads), random(num_key_value_heads)
+    module = nn.Module().eval()
+    whole, _ = consistent_eager_attention_forward(module, query, key, value, None)
+    failures = []
+    for position in (0, 5, 63, 64, 100, sequence_length - 1):
+        keys, values = key[:, :, : position + 1], value[:, :, : position + 1]
+        step, _ = consistent_sdpa_attention_forward(module, query[:, :, position : position + 1], keys, values, None)
+        if not torch.equal(step[:, 0], whole[:, position]):
+            failures.append(f"attention ({dtype}) of the query at position {position} differs in a decode step")
+    return failures
+
+
+def verify_kernels(devices: tuple[str, ...] = ("cpu",), dtypes: tuple[torch.dtype, ...] = DTYPES_CHECKED) -> None:
+    """
+    Checks, on the running machine and with the current thread count, that the kernels consistent decoding relies on
+    are row-invariant: the products of canonical weights (`row_products_for`), SiLU, `exp`, rotary `cos`/`sin`, the
+    RMS norm and the attention of a decode step against a forward pass over 150 positions. About a second on CPU.
+
+    Raises:
+        `RowInvarianceError`: naming every kernel, dtype and shape that is not.
+    """
+    failures = []
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for device in devices:
+            for dtype in dtypes:
+                for out_features, in_features in ((1376, 512), (512, 1376)):
+                    weight = (torch.randn((out_features, in_features), generator=generator) * 0.05).to(device, dtype)
+                    try:
+                        row_products_for(weight)
+                    except RowInvarianceError as error:
+                        failures.append(str(error))
+                failures += _check_elementwise(device, dtype)
+                failures += _check_attention(device, dtype)
+    if failures:
+        raise RowInvarianceError(
+            "Consistent decoding is not row-invariant on this machine:\n- " + "\n- ".join(failures)
+        )

@@ -1,0 +1,190 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+`patches.apply(consistent=True)` at realistic widths: hidden size 512 and an intermediate size of 1376 (no multiple of
+64) reach torch's parallel thresholds and the BLAS's blocking, which the tiny models of the model tests never do. Also
+the machine check, attention weights and dropout.
+"""
+
+import contextlib
+import os
+import unittest
+from unittest import mock
+
+import torch
+
+import patches
+from modeling_overrides.integrations import consistent_decoding
+from patches.tiny_models import tiny_llama_model, tiny_phi3_model
+
+from .cache_consistency_utils import (
+    TRANSFORMERS_VERSION,
+    bitwise_mismatches,
+    greedy_with_and_without_cache,
+    left_padding_mask,
+    random_tokens,
+)
+
+
+CONSISTENT_DECODING_AVAILABLE = TRANSFORMERS_VERSION.release >= (4, 48)
+
+REALISTIC_SIZES = {
+    "vocab_size": 1000,
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "initializer_range": 0.02,
+}
+"""Head dimension 64, grouped queries; 1376 = 64 x 21.5."""
+
+SWITCH_POINT = 48
+"""The realistic models' longrope switch: prompts of 40 tokens cross it while decoding."""
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+THREAD_COUNTS = sorted({1, 2, 3, os.cpu_count() or 1})
+"""One thread, two, an odd split (3, even on fewer cores) and every core."""
+
+
+def realistic_model(family: str, dtype: torch.dtype, attention: str):
+    if family == "phi3":
+        model = tiny_phi3_model(switch_point=SWITCH_POINT, attn_implementation=attention, **REALISTIC_SIZES)
+    else:
+        model = tiny_llama_model(
+            switch_point=SWITCH_POINT, rotary_dim=64, attn_implementation=attention, **REALISTIC_SIZES
+        )
+    return model.to(dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+class RealisticWidthConsistentDecodingTest(unittest.TestCase):
+    """Every decode step's logits `torch.equal` to the forward pass without cache, at realistic widths."""
+
+    def test_left_padded_decode_steps_across_the_switch(self):
+        input_ids = random_tokens(64, batch_size=2, vocab_size=1000)
+        attention_mask = left_padding_mask(2, 64)
+        for family in ("llama", "phi3"):
+            for dtype_name, dtype in DTYPES.items():
+                for attention in ("eager", "sdpa"):
+                    model = realistic_model(family, dtype, attention)
+                    for threads in THREAD_COUNTS:
+                        with self.subTest(family=family, dtype=dtype_name, attention=attention, threads=threads):
+                            with torch_threads(threads), patches.applied(consistent=True):
+                                mismatches = bitwise_mismatches(model, input_ids, 40, attention_mask=attention_mask)
+                            self.assertEqual(mismatches, [])
+
+    def test_greedy_generations_across_the_switch(self):
+        input_ids = random_tokens(30, batch_size=2, vocab_size=1000)
+        attention_mask = left_padding_mask(2, 30)
+        for family in ("llama", "phi3"):
+            for dtype_name, dtype in DTYPES.items():
+                model = realistic_model(family, dtype, "sdpa")
+                with self.subTest(family=family, dtype=dtype_name), patches.applied(consistent=True):
+                    cached, uncached = greedy_with_and_without_cache(model, input_ids, 40, attention_mask)
+                    self.assertTrue(torch.equal(cached.sequences, uncached.sequences))
+                    for step, (with_cache, without_cache) in enumerate(zip(cached.logits, uncached.logits)):
+                        self.assertTrue(torch.equal(with_cache, without_cache), f"step {step}")
+
+    def test_normal_mode_differs_at_this_width(self):
+        # What consistent mode removes: fp32 rounding noise between a decode step and the forward pass
+        model = realistic_model("llama", torch.float32, "sdpa")
+        with patches.applied():
+            mismatches = bitwise_mismatches(model, random_tokens(50, vocab_size=1000), 40)
+        self.assertGreater(len(mismatches), 0)
+
+
+@unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+class ConsistentAttentionOutputsTest(unittest.TestCase):
+    """Upstream's behaviour kept: attention weights from eager attention, dropout while training."""
+
+    def test_eager_returns_the_attention_weights(self):
+        model = tiny_llama_model(attn_implementation="eager")
+        input_ids = random_tokens(70)
+        with patches.applied():
+            expected = model(input_ids, output_attentions=True).attentions
+        with patches.applied(consistent=True):
+            found = model(input_ids, output_attentions=True).attentions
+        self.assertEqual(len(found), len(expected))
+        for layer_weights, expected_weights in zip(found, expected):
+            self.assertEqual(layer_weights.shape, expected_weights.shape)
+            torch.testing.assert_close(layer_weights, expected_weights, rtol=1e-5, atol=1e-6)
+
+    def test_generation_paths_that_read_attention_weights_run(self):
+        model = tiny_llama_model(attn_implementation="eager")
+        input_ids = torch.cat([random_tokens(20), random_tokens(20)], dim=1)  # repeats, for prompt lookup
+        with patches.applied(consistent=True):
+            greedy = model.generate(input_ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            lookup = model.generate(
+                input_ids,
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=0,
+                prompt_lookup_num_tokens=3,
+                output_attentions=True,
+                return_dict_in_generate=True,
+            )
+        self.assertTrue(torch.equal(lookup.sequences, greedy))
+        self.assertEqual(len(lookup.attentions), 12)
+
+    def test_dropout_applies_while_training_only(self):
+        model = tiny_llama_model(attn_implementation="eager", attention_dropout=0.5)
+        input_ids = random_tokens(40)
+        with patches.applied(consistent=True):
+            model.train()
+            first, second = model(input_ids).logits, model(input_ids).logits
+            model.eval()
+            third, fourth = model(input_ids).logits, model(input_ids).logits
+        self.assertFalse(torch.equal(first, second))
+        self.assertTrue(torch.equal(third, fourth))
+
+
+@unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+class MachineCheckTest(unittest.TestCase):
+    """`apply(consistent=True)` verifies the kernels on the running machine first."""
+
+    def test_check_passes_here_and_names_the_products_chosen(self):
+        consistent_decoding.verify_kernels()
+        weight = torch.randn(1376, 512)
+        self.assertIn(consistent_decoding.row_products_for(weight), consistent_decoding.ROW_PRODUCTS_BY_COST)
+
+    def test_products_that_are_not_row_invariant_are_refused(self):
+        # One product of all rows rounds rows differently by row count with MKL in fp32; alone it must be refused
+        weight = torch.randn(96, 200)  # a shape of its own: the verdicts are cached per shape
+        with mock.patch.object(consistent_decoding, "ROW_PRODUCTS_BY_COST", (consistent_decoding.RowProducts(1),)):
+            with mock.patch.object(consistent_decoding, "_row_products", {}):
+                if consistent_decoding._is_row_invariant(consistent_decoding.RowProducts(1), weight):
+                    self.skipTest("one product is row-invariant on this machine's BLAS")
+                with self.assertRaisesRegex(consistent_decoding.RowInvarianceError, "200x96"):
+                    consistent_decoding.row_products_for(weight)
+
+    def test_apply_refuses_and_changes_nothing_where_the_check_fails(self):
+        linear_forward = torch.nn.Linear.forward
+        failure = ["attention (torch.float32) of the query at position 5 differs in a decode step"]
+        with mock.patch.object(consistent_decoding, "_check_attention", return_value=failure):
+            with self.assertRaisesRegex(patches.ConsistentDecodingUnavailableError, "position 5"):
+                patches.apply(consistent=True)
+        self.assertIs(torch.nn.Linear.forward, linear_forward)
+        self.assertFalse(patches.status().applied)
