@@ -227,7 +227,12 @@ def run_checks(force: bool = False, progress: Callable[[str], None] | None = pri
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return _check_families(force, progress)
+        results = _check_families(force, progress)
+        kernels = _check_consistent_kernels()
+        results.append(kernels)
+        if progress is not None:
+            progress(f"[{len(results):>3}] {kernels.family} · {kernels.path}: {kernels.status} ({kernels.detail})")
+        return results
     finally:
         logging.set_verbosity(verbosity)
 
@@ -266,6 +271,29 @@ def _check_families(force: bool, progress: Callable[[str], None] | None) -> list
                         f"{elapsed:.2f} s)"
                     )
     return results
+
+
+def _check_consistent_kernels() -> PathResult:
+    """Whether `apply(consistent=True)` would accept this machine: its kernels verified row-invariant (CPU, and CUDA
+    where there is one), with the way of multiplying rows chosen for each dtype."""
+    from .targets import consistent_decoding_bindings
+
+    family, path = "consistent decoding", f"row-invariant kernels ({torch.get_num_threads()} threads)"
+    if not consistent_decoding_bindings():
+        return PathResult(family, path, "skipped", "consistent decoding needs transformers 4.48 or later")
+    from modeling_overrides.integrations import consistent_decoding
+
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    try:
+        consistent_decoding.verify_kernels(devices)
+    except consistent_decoding.RowInvarianceError as error:
+        return PathResult(family, path, "FAILED", " ".join(str(error).split()))
+    weight = torch.zeros(1376, 512)
+    chosen = {
+        str(dtype).removeprefix("torch."): str(consistent_decoding.row_products_for(weight.to(dtype)))
+        for dtype in consistent_decoding.DTYPES_CHECKED
+    }
+    return PathResult(family, path, "ok", "; ".join(f"{dtype}: {way}" for dtype, way in chosen.items()))
 
 
 @dataclass(frozen=True)

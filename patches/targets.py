@@ -12,9 +12,9 @@ decorated with `check_rope_cache`, its causal LM's with `split_at_rope_switch`, 
 with `check_rope_cache_in_generation` (from 4.45 the generic implementation in place of the Phi models' own, whose
 only addition is dropping the cache at the switch).
 
-With `consistent=True`, `consistent_decoding_bindings` also replaces `torch.nn.Linear.forward` and, in the modeling
-modules of the models marked `consistent`, `eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module
-attributes).
+With `consistent=True`, `consistent_decoding_bindings` also replaces `torch.nn.Linear.forward`, the `forward` of the
+SiLU classes `ACT2FN` builds, and, in the modeling modules of the models marked `consistent`,
+`eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module attributes).
 """
 
 import inspect

@@ -40,7 +40,6 @@ The rules that remove them, section by section below:
    second, run before consistent decoding is switched on.
 """
 
-import math
 import threading
 from dataclasses import dataclass
 
@@ -101,7 +100,14 @@ class RowProducts:
         return f"one product, rows padded to a multiple of {self.rows_per_product}"
 
 
-ROW_PRODUCTS_BY_COST = (RowProducts(1), RowProducts(2), RowProducts(0), RowProducts(4), RowProducts(8), RowProducts(16))
+ROW_PRODUCTS_BY_COST = (
+    RowProducts(1),
+    RowProducts(2),
+    RowProducts(0),
+    RowProducts(4),
+    RowProducts(8),
+    RowProducts(16),
+)
 """The ways tried, cheapest decode step first. With MKL in fp32 only one product per row is row-invariant (a product
 of 1, 2, 3, 5 or 7 rows rounds unlike one of 4 or 8): a decode step then costs what it did, a prefill's products
 2.5-8x more. In bf16 and fp16 one product usually is (oneDNN); one product per row would be 100x slower there."""
