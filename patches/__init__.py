@@ -18,8 +18,6 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
-import torch
-
 from modeling_overrides.rope_cache_utils import (
     DEFAULT_STALE_CACHE_POLICIES,
     STALE_CACHE_POLICIES,
@@ -120,9 +118,8 @@ def _verify_consistent_kernels() -> None:
     """Refuses consistent decoding where this machine's kernels are not row-invariant (checked once per thread count)."""
     from modeling_overrides.integrations.consistent_decoding import RowInvarianceError, verify_kernels
 
-    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     try:
-        verify_kernels(devices)
+        verify_kernels()
     except RowInvarianceError as error:
         raise ConsistentDecodingUnavailableError(f"{error}\nNothing was changed.") from error
 

@@ -87,6 +87,7 @@ class RowProducts:
             return torch.bmm(rows[:, None], weights)[:, 0]
         if num_rows > MAX_ROWS_PER_PRODUCT:
             return torch.cat([self(piece, weight) for piece in rows.split(MAX_ROWS_PER_PRODUCT)])
+        # One row (a decode step) of one product per row is a plain product: no padding
         padding = -num_rows % max(self.rows_per_product, 1)
         if padding == 0:
             return F.linear(rows, weight)
@@ -151,10 +152,12 @@ def row_products_for(weight: torch.Tensor) -> RowProducts:
         `RowInvarianceError`: when none of `ROW_PRODUCTS_BY_COST` is row-invariant there.
     """
     key = (weight.device, weight.dtype, tuple(weight.shape), torch.get_num_threads())
-    with _row_products_lock:
-        if key not in _row_products:
-            _row_products[key] = _find_row_products(weight)
-        found = _row_products[key]
+    found = _row_products.get(key)  # every product of a decode step asks: no lock once a shape is known
+    if found is None:
+        with _row_products_lock:
+            if key not in _row_products:
+                _row_products[key] = _find_row_products(weight)
+            found = _row_products[key]
     if isinstance(found, RowInvarianceError):
         raise found
     return found
@@ -408,15 +411,18 @@ def _check_attention(device, dtype) -> list[str]:
     return failures
 
 
-def verify_kernels(devices: tuple[str, ...] = ("cpu",), dtypes: tuple[torch.dtype, ...] = DTYPES_CHECKED) -> None:
+def verify_kernels(devices: tuple[str, ...] | None = None, dtypes: tuple[torch.dtype, ...] = DTYPES_CHECKED) -> None:
     """
     Checks, on the running machine and with the current thread count, that the kernels consistent decoding relies on
     are row-invariant: the products of canonical weights (`row_products_for`), SiLU, `exp`, rotary `cos`/`sin`, the
     RMS norm and the attention of a decode step against a forward pass over 150 positions. About a second on CPU.
+    `devices` defaults to the CPU, and CUDA where there is one.
 
     Raises:
         `RowInvarianceError`: naming every kernel, dtype and shape that is not.
     """
+    if devices is None:
+        devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     failures = []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

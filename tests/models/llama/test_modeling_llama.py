@@ -235,7 +235,7 @@ class LlamaConsistentDecodingTest(unittest.TestCase):
     """
     `patches.apply(consistent=True)`: every decode step's logits are bitwise those of the forward pass without cache
     over the same tokens (`torch.equal`), for each dtype and attention request. Prompts of 37 and 5 tokens are no
-    multiple of the tiles (16 rows, 64 keys); the sequences cross several tile and block boundaries.
+    multiple of the query tiles (4) or key blocks (64); the sequences cross several tile and block boundaries.
     """
 
     def model(self, dtype_name: str, attention: str):
