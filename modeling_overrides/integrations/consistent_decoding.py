@@ -244,45 +244,66 @@ def _additive_mask(attention_mask, query_length: int, key_length: int, device) -
     return attention_mask[..., :key_length].float()
 
 
-def _to_tiles(tensor: torch.Tensor, rows_per_tile: int) -> torch.Tensor:
-    """`(batch, heads, rows, columns)` padded to whole tiles and viewed as `(batch, heads, tiles, rows_per_tile, columns)`."""
+def _to_blocks(tensor: torch.Tensor, rows_per_block: int) -> torch.Tensor:
+    """
+    `(batch, heads, rows, columns)` padded with zero rows to whole blocks and viewed as
+    `(batch, heads, blocks, rows_per_block, columns)`. Only the padding is written: a cached key or value tensor is
+    copied once, not filled first.
+    """
     batch_size, num_heads, num_rows, num_columns = tensor.shape
-    padding = -num_rows % rows_per_tile
-    tensor = F.pad(tensor, (0, 0, 0, padding)) if padding else tensor
-    return tensor.reshape(batch_size, num_heads, -1, rows_per_tile, num_columns)
+    padding = -num_rows % rows_per_block
+    if padding:
+        tensor = torch.cat([tensor, tensor.new_zeros(batch_size, num_heads, padding, num_columns)], dim=2)
+    return tensor.view(batch_size, num_heads, -1, rows_per_block, num_columns)
+
+
+def _mask_blocks(mask: torch.Tensor, num_key_value_heads: int, key_value_groups: int) -> torch.Tensor:
+    """
+    An additive mask over padded queries and keys, `(batch, 1 or heads, query_tiles * QUERY_TILE,
+    key_blocks * KEY_BLOCK)`, arranged like the scores: `(batch, key-value heads or 1, query_tiles, key_blocks,
+    key_value_groups or 1, QUERY_TILE, KEY_BLOCK)`. A mask shared by the heads stays broadcast.
+    """
+    batch_size, mask_heads, padded_queries, padded_keys = mask.shape
+    num_query_tiles, num_key_blocks = padded_queries // QUERY_TILE, padded_keys // KEY_BLOCK
+    if mask_heads == 1:
+        blocks = mask.view(batch_size, 1, 1, num_query_tiles, QUERY_TILE, num_key_blocks, KEY_BLOCK)
+    else:
+        shape = (batch_size, num_key_value_heads, key_value_groups, num_query_tiles, QUERY_TILE, num_key_blocks)
+        blocks = mask.view(*shape, KEY_BLOCK)
+    return blocks.permute(0, 1, 3, 5, 2, 4, 6)
 
 
 def _blocked_attention(queries, keys, values, mask, scaling, dropout, training):
     """
-    Attention of query tiles `(batch, heads, query_tiles, QUERY_TILE, head_dim)` over key and value blocks
-    `(batch, heads, key_blocks, KEY_BLOCK, head_dim)` with an additive mask of shape
-    `(batch, heads, query_tiles, QUERY_TILE, key_blocks, KEY_BLOCK)`. Returns the fp32 output
-    `(batch, heads, query_tiles, QUERY_TILE, head_dim)` and the attention weights
-    `(batch, heads, query_tiles, QUERY_TILE, key_blocks, KEY_BLOCK)`.
+    Attention of query tiles `(batch, kv_heads, query_tiles, groups * QUERY_TILE, head_dim)` (the queries of the
+    `groups` heads that share a key-value head, tile by tile) over key and value blocks
+    `(batch, kv_heads, key_blocks, KEY_BLOCK, head_dim)`, with an additive mask arranged by `_mask_blocks`.
+    Returns the fp32 output `(batch, kv_heads, query_tiles, groups * QUERY_TILE, head_dim)` and the attention weights
+    `(batch, kv_heads, query_tiles, key_blocks, groups, QUERY_TILE, KEY_BLOCK)`.
     """
-    batch_size, num_heads, num_query_tiles, _, head_dim = queries.shape
-    num_key_blocks = keys.shape[2]
+    batch_size, num_key_value_heads, num_query_tiles, tile_rows, head_dim = queries.shape
+    num_key_blocks, groups = keys.shape[2], tile_rows // QUERY_TILE
     # One product per (query tile, key block): every tile meets the same kernel whatever the sequence length
-    entries = (batch_size, num_heads, num_query_tiles, num_key_blocks)
-    tile_queries = queries[:, :, :, None].expand(*entries, QUERY_TILE, head_dim).reshape(-1, QUERY_TILE, head_dim)
+    entries = (batch_size, num_key_value_heads, num_query_tiles, num_key_blocks)
+    tile_queries = queries[:, :, :, None].expand(*entries, tile_rows, head_dim).reshape(-1, tile_rows, head_dim)
     block_keys = keys[:, :, None].expand(*entries, KEY_BLOCK, head_dim).reshape(-1, KEY_BLOCK, head_dim)
-    scores = torch.bmm(tile_queries, block_keys.transpose(1, 2)).view(*entries, QUERY_TILE, KEY_BLOCK)
-    scores = scores.float().transpose(3, 4) * scaling + mask  # (..., QUERY_TILE, key_blocks, KEY_BLOCK)
+    scores = torch.bmm(tile_queries, block_keys.transpose(1, 2)).view(*entries, groups, QUERY_TILE, KEY_BLOCK)
+    scores = scores.float() * scaling + mask
 
-    # The maximum is exact whatever the number of masked blocks; a fully masked row keeps a zero shift
-    row_max = scores.amax(dim=(-2, -1), keepdim=True)
+    # The maximum over a query's blocks is exact whatever the number of masked blocks; a fully masked row keeps a
+    # zero shift
+    row_max = scores.amax(dim=(3, 6), keepdim=True)
     probabilities = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))
     # Blocks summed in their order: the masked blocks after a query's last key add exact zeros
-    block_sums = probabilities.sum(dim=-1)
-    row_sums = block_sums.cumsum(dim=-1)[..., -1:, None]
+    row_sums = probabilities.sum(dim=-1, keepdim=True).cumsum(dim=3)[:, :, :, -1:]
     row_sums = torch.where(row_sums == 0, 1.0, row_sums)
     if training and dropout > 0:
         probabilities = F.dropout(probabilities, p=dropout, training=True)
 
-    block_probabilities = probabilities.transpose(3, 4).reshape(-1, QUERY_TILE, KEY_BLOCK).to(values.dtype)
+    block_probabilities = probabilities.reshape(-1, tile_rows, KEY_BLOCK).to(values.dtype)
     block_values = values[:, :, None].expand(*entries, KEY_BLOCK, head_dim).reshape(-1, KEY_BLOCK, head_dim)
-    partials = torch.bmm(block_probabilities, block_values).float().view(*entries, QUERY_TILE, head_dim)
-    output = partials.cumsum(dim=3)[:, :, :, -1] / row_sums[..., 0]
+    partials = torch.bmm(block_probabilities, block_values).float().view(*entries, tile_rows, head_dim)
+    output = partials.cumsum(dim=3)[:, :, :, -1] / row_sums.reshape(*entries[:3], tile_rows, 1)
     return output, probabilities / row_sums
 
 
@@ -293,20 +314,20 @@ def _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks
 
 def _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights):
     batch_size, num_heads, query_length, head_dim = query.shape
-    key_value_groups = num_heads // key.shape[1]
-    key = key.repeat_interleave(key_value_groups, dim=1)
-    value = value.repeat_interleave(key_value_groups, dim=1)
-    key_length = key.shape[2]
+    num_key_value_heads, key_length = key.shape[1], key.shape[2]
+    groups = num_heads // num_key_value_heads
     scaling = scaling if scaling is not None else head_dim**-0.5
 
-    queries = _to_tiles(query, QUERY_TILE)
-    keys, values = _to_tiles(key, KEY_BLOCK), _to_tiles(value, KEY_BLOCK)
-    num_query_tiles, num_key_blocks = queries.shape[2], keys.shape[2]
+    # The queries of the heads sharing a key-value head go in one tile: keys and values are never repeated
+    queries = _to_blocks(query, QUERY_TILE)
+    num_query_tiles = queries.shape[2]
+    queries = queries.view(batch_size, num_key_value_heads, groups, num_query_tiles, QUERY_TILE, head_dim)
+    queries = queries.transpose(2, 3).reshape(batch_size, num_key_value_heads, num_query_tiles, -1, head_dim)
+    keys, values = _to_blocks(key, KEY_BLOCK), _to_blocks(value, KEY_BLOCK)
+    num_key_blocks = keys.shape[2]
     mask = _additive_mask(attention_mask, query_length, key_length, query.device)
     padding = (0, num_key_blocks * KEY_BLOCK - key_length, 0, num_query_tiles * QUERY_TILE - query_length)
-    mask = F.pad(mask, padding, value=float("-inf"))
-    mask = mask.expand(batch_size, num_heads, -1, -1)
-    mask = mask.reshape(batch_size, num_heads, num_query_tiles, QUERY_TILE, num_key_blocks, KEY_BLOCK)
+    mask = _mask_blocks(F.pad(mask, padding, value=float("-inf")), num_key_value_heads, groups)
 
     step = _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks, head_dim)
     outputs, weights = [], []
@@ -318,11 +339,16 @@ def _consistent_attention(module, query, key, value, attention_mask, scaling, dr
         outputs.append(output)
         weights.append(attention_weights if return_weights else None)
 
-    output = torch.cat(outputs, dim=2).to(query.dtype).reshape(batch_size, num_heads, -1, head_dim)
-    output = output[:, :, :query_length].transpose(1, 2).contiguous()
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    output = output.view(batch_size, num_key_value_heads, num_query_tiles, groups, QUERY_TILE, head_dim)
+    output = output.transpose(2, 3).reshape(batch_size, num_heads, -1, head_dim)[:, :, :query_length]
+    output = output.to(query.dtype).transpose(1, 2).contiguous()
     if not return_weights:
         return output, None
-    attention_weights = torch.cat(weights, dim=2).reshape(batch_size, num_heads, num_query_tiles * QUERY_TILE, -1)
+    attention_weights = weights[0] if len(weights) == 1 else torch.cat(weights, dim=2)
+    attention_weights = attention_weights.permute(0, 1, 4, 2, 5, 3, 6).reshape(
+        batch_size, num_heads, -1, key_length + padding[1]
+    )
     return output, attention_weights[:, :, :query_length, :key_length].to(query.dtype)
 
 
