@@ -23,6 +23,7 @@ import unittest
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 import patches
 from modeling_overrides.integrations import consistent_decoding
@@ -159,6 +160,42 @@ class ConsistentAttentionOutputsTest(unittest.TestCase):
             third, fourth = model(input_ids).logits, model(input_ids).logits
         self.assertFalse(torch.equal(first, second))
         self.assertTrue(torch.equal(third, fourth))
+
+
+class ConsistentAttentionTest(unittest.TestCase):
+    """The attention function itself: attention's value, whatever the number of passes over the queries."""
+
+    def setUp(self):
+        generator = torch.Generator().manual_seed(0)
+        # 8 heads over 4 key-value heads, 150 queries: 38 tiles, 3 key blocks (the last one partial)
+        self.query = torch.randn((2, 8, 150, 32), generator=generator)
+        self.key, self.value = torch.randn((2, 2, 4, 150, 32), generator=generator)
+        padding = torch.arange(150)[None] >= torch.tensor([[0], [7]])  # the second row left-padded by 7
+        causal = torch.ones(150, 150, dtype=torch.bool).tril()
+        self.mask = (causal[None] & padding[:, None])[:, None]
+        self.mask[1, 0, :7, 0] = True  # as the masking utilities leave padding queries: seeing a key
+
+    def attention(self, mask):
+        return consistent_decoding.consistent_eager_attention_forward(
+            torch.nn.Module().eval(), self.query, self.key, self.value, mask
+        )
+
+    def test_equals_scaled_dot_product_attention(self):
+        output, weights = self.attention(self.mask)
+        expected = F.scaled_dot_product_attention(
+            self.query, self.key.repeat_interleave(2, 1), self.value.repeat_interleave(2, 1), attn_mask=self.mask
+        )
+        torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 8, 150))
+
+    def test_a_prefill_in_several_passes_equals_one_pass(self):
+        for mask in (self.mask, self.mask[:, :, -1:]):  # full, and one row broadcast over the queries
+            with self.subTest(mask_rows=mask.shape[2]):
+                output, weights = self.attention(mask)
+                with mock.patch.object(consistent_decoding, "MAX_PASS_BYTES", 1):  # one query tile a pass
+                    output_in_passes, weights_in_passes = self.attention(mask)
+                self.assertTrue(torch.equal(output_in_passes, output))
+                self.assertTrue(torch.equal(weights_in_passes, weights))
 
 
 @unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")

@@ -33,9 +33,10 @@ The rules that remove them, section by section below:
    (`RowProducts`: one product, rows padded to a multiple of a few rows, or one product per row). The check runs
    once per shape (`row_products_for`); where no way is row-invariant it raises `RowInvarianceError`.
 2. **Activation**: SiLU as `x / (1 + exp(-x))`, whose kernels are vectorised to the last element.
-3. **Attention**: queries in tiles of `QUERY_TILE`, keys in blocks of `KEY_BLOCK` from position 0; every block of a
-   tile is computed in one batched product, softmax with the query's exact maximum, and the blocks are summed in
-   their order (a cumulative sum), so that the masked blocks the forward pass without cache adds are exact zeros.
+3. **Attention**: queries padded to a multiple of `QUERY_TILE` rows and multiplied by the keys in one product per
+   key-value head (from 4 rows on, a product over the head dimension gives every row the same result); softmax with
+   the query's exact maximum; the sums over keys in blocks of `KEY_BLOCK` from key 0, added in their order (a
+   cumulative sum), so that the masked blocks the forward pass without cache adds are exact zeros.
 4. **Verification** (`verify_kernels`): the checks above on canonical shapes in fp32, bf16 and fp16, in about a
    second, run before consistent decoding is switched on.
 """
@@ -218,27 +219,29 @@ class SiLU(nn.SiLU):
 # 3. Attention ---------------------------------------------------------------------------------------------------------
 
 QUERY_TILE = 4
-"""Queries per attention tile: a decode step pads its query to 4 (16 would make its scores 4x dearer at 4k keys),
-and a prefill's products stay large enough to be efficient (1 makes them 2.5x dearer)."""
+"""Queries are padded to a multiple of 4 rows: MKL in fp32 rounds a product of 1, 2 or 3 rows unlike one of 4 or
+more, and from 4 rows on a product over the head dimension (or a key block) gives every row the same result."""
 
 KEY_BLOCK = 64
-"""Keys per attention block; blocks start at position 0 of the keys, whatever the number of queries."""
+"""Keys per block of the sums over keys; blocks start at key 0, whatever the number of queries, and are summed in
+their order, so the masked blocks a forward pass without cache adds are exact zeros."""
 
-MAX_BLOCK_PARTIALS_BYTES = 256 * 2**20
-"""A prefill whose per-block partial outputs would take more memory is computed a few query tiles at a time (each
-query's arithmetic is the same either way)."""
+MAX_PASS_BYTES = 256 * 2**20
+"""A prefill whose scores and per-block partial outputs would take more memory is computed a few query tiles at a
+time (each query's arithmetic is the same either way)."""
 
 
 def _additive_mask(attention_mask, query_length: int, key_length: int, device) -> torch.Tensor:
-    """The mask as fp32 additive values over `(..., query_length, key_length)`."""
+    """The mask as fp32 additive values over `(batch, 1 or heads, 1 or query_length, key_length)`."""
     if attention_mask is None:
         # As `scaled_dot_product_attention` reads a missing mask (the masking utilities leave it out only where that
         # is right): one query sees every key; several are causal from the first key (a prefill, also of a static
         # cache whose later slots are still empty)
+        if query_length == 1:
+            return torch.zeros((1, 1, 1, key_length), device=device)
         query_positions = torch.arange(query_length, device=device)[:, None]
         key_positions = torch.arange(key_length, device=device)[None]
-        visible = (key_positions <= query_positions) | (query_length == 1)
-        return torch.where(visible, 0.0, float("-inf"))[None, None]
+        return torch.where(key_positions <= query_positions, 0.0, float("-inf"))[None, None]
     if attention_mask.dtype == torch.bool:
         return torch.where(attention_mask[..., :key_length], 0.0, float("-inf"))
     return attention_mask[..., :key_length].float()
@@ -246,70 +249,56 @@ def _additive_mask(attention_mask, query_length: int, key_length: int, device) -
 
 def _to_blocks(tensor: torch.Tensor, rows_per_block: int) -> torch.Tensor:
     """
-    `(batch, heads, rows, columns)` padded with zero rows to whole blocks and viewed as
-    `(batch, heads, blocks, rows_per_block, columns)`. Only the padding is written: a cached key or value tensor is
-    copied once, not filled first.
+    `(batch, heads, rows, columns)` padded with zero rows to whole blocks, as
+    `(batch, heads, blocks, rows_per_block, columns)`: a contiguous tensor of whole blocks is not copied.
     """
     batch_size, num_heads, num_rows, num_columns = tensor.shape
     padding = -num_rows % rows_per_block
     if padding:
         tensor = torch.cat([tensor, tensor.new_zeros(batch_size, num_heads, padding, num_columns)], dim=2)
-    return tensor.view(batch_size, num_heads, -1, rows_per_block, num_columns)
+    return tensor.reshape(batch_size, num_heads, -1, rows_per_block, num_columns)
 
 
-def _mask_blocks(mask: torch.Tensor, num_key_value_heads: int, key_value_groups: int) -> torch.Tensor:
+def _attention_pass(queries, keys, value_blocks, mask, scaling, dropout, training, return_weights):
     """
-    An additive mask over padded queries and keys, `(batch, 1 or heads, query_tiles * QUERY_TILE,
-    key_blocks * KEY_BLOCK)`, arranged like the scores: `(batch, key-value heads or 1, query_tiles, key_blocks,
-    key_value_groups or 1, QUERY_TILE, KEY_BLOCK)`. A mask shared by the heads stays broadcast.
+    Attention of queries `(batch, kv_heads, groups, queries, head_dim)` (the `groups` heads that share a key-value
+    head, `queries` a multiple of `QUERY_TILE`) over keys `(batch, kv_heads, keys, head_dim)` and value blocks
+    `(batch, kv_heads, key_blocks, KEY_BLOCK, head_dim)`, with an additive fp32 mask broadcastable to
+    `(batch, kv_heads, groups, queries, keys)`. Returns the fp32 output `(batch, kv_heads, groups, queries,
+    head_dim)` and, if `return_weights`, the attention weights `(batch, kv_heads, groups, queries,
+    key_blocks * KEY_BLOCK)`.
     """
-    batch_size, mask_heads, padded_queries, padded_keys = mask.shape
-    num_query_tiles, num_key_blocks = padded_queries // QUERY_TILE, padded_keys // KEY_BLOCK
-    if mask_heads == 1:
-        blocks = mask.view(batch_size, 1, 1, num_query_tiles, QUERY_TILE, num_key_blocks, KEY_BLOCK)
-    else:
-        shape = (batch_size, num_key_value_heads, key_value_groups, num_query_tiles, QUERY_TILE, num_key_blocks)
-        blocks = mask.view(*shape, KEY_BLOCK)
-    return blocks.permute(0, 1, 3, 5, 2, 4, 6)
-
-
-def _blocked_attention(queries, keys, values, mask, scaling, dropout, training):
-    """
-    Attention of query tiles `(batch, kv_heads, query_tiles, groups * QUERY_TILE, head_dim)` (the queries of the
-    `groups` heads that share a key-value head, tile by tile) over key and value blocks
-    `(batch, kv_heads, key_blocks, KEY_BLOCK, head_dim)`, with an additive mask arranged by `_mask_blocks`.
-    Returns the fp32 output `(batch, kv_heads, query_tiles, groups * QUERY_TILE, head_dim)` and the attention weights
-    `(batch, kv_heads, query_tiles, key_blocks, groups, QUERY_TILE, KEY_BLOCK)`.
-    """
-    batch_size, num_key_value_heads, num_query_tiles, tile_rows, head_dim = queries.shape
-    num_key_blocks, groups = keys.shape[2], tile_rows // QUERY_TILE
-    # One product per (query tile, key block): every tile meets the same kernel whatever the sequence length
-    entries = (batch_size, num_key_value_heads, num_query_tiles, num_key_blocks)
-    tile_queries = queries[:, :, :, None].expand(*entries, tile_rows, head_dim).reshape(-1, tile_rows, head_dim)
-    block_keys = keys[:, :, None].expand(*entries, KEY_BLOCK, head_dim).reshape(-1, KEY_BLOCK, head_dim)
-    scores = torch.bmm(tile_queries, block_keys.transpose(1, 2)).view(*entries, groups, QUERY_TILE, KEY_BLOCK)
+    batch_size, num_key_value_heads, groups, num_queries, head_dim = queries.shape
+    key_length, num_key_blocks = keys.shape[2], value_blocks.shape[2]
+    # One product over the head dimension for all the queries of a key-value head: from 4 rows on, every query
+    # meets the same kernel whatever the number of queries and keys
+    rows = queries.reshape(batch_size, num_key_value_heads, groups * num_queries, head_dim)
+    scores = torch.matmul(rows, keys.transpose(2, 3)).view(*queries.shape[:4], key_length)
     scores = scores.float() * scaling + mask
 
-    # The maximum over a query's blocks is exact whatever the number of masked blocks; a fully masked row keeps a
-    # zero shift
-    row_max = scores.amax(dim=(3, 6), keepdim=True)
-    probabilities = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))
-    # Blocks summed in their order: the masked blocks after a query's last key add exact zeros
-    row_sums = probabilities.sum(dim=-1, keepdim=True).cumsum(dim=3)[:, :, :, -1:]
-    row_sums = torch.where(row_sums == 0, 1.0, row_sums)
+    # The maximum over a query's keys is exact whatever the number of masked keys; a fully masked row keeps a
+    # finite shift, so that its probabilities are zeros
+    row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    probabilities = F.pad(torch.exp(scores - row_max), (0, num_key_blocks * KEY_BLOCK - key_length))
+    blocks = probabilities.view(*queries.shape[:4], num_key_blocks, KEY_BLOCK)
+    # Blocks summed in their order: the masked blocks after a query's last key add exact zeros. A row that is not
+    # fully masked sums to at least 1 (its maximum's exp(0)); a fully masked one to 0, left as 0 / 1
+    row_sums = blocks.sum(dim=-1).cumsum(dim=-1)[..., -1:].clamp_min(1.0)
     if training and dropout > 0:
-        probabilities = F.dropout(probabilities, p=dropout, training=True)
+        blocks = F.dropout(blocks, p=dropout, training=True)
 
-    block_probabilities = probabilities.reshape(-1, tile_rows, KEY_BLOCK).to(values.dtype)
-    block_values = values[:, :, None].expand(*entries, KEY_BLOCK, head_dim).reshape(-1, KEY_BLOCK, head_dim)
-    partials = torch.bmm(block_probabilities, block_values).float().view(*entries, tile_rows, head_dim)
-    output = partials.cumsum(dim=3)[:, :, :, -1] / row_sums.reshape(*entries[:3], tile_rows, 1)
-    return output, probabilities / row_sums
+    # One product per key block, its partial outputs summed in block order
+    block_rows = blocks.to(value_blocks.dtype).permute(0, 1, 4, 2, 3, 5)
+    block_rows = block_rows.reshape(batch_size, num_key_value_heads, num_key_blocks, groups * num_queries, KEY_BLOCK)
+    partials = torch.matmul(block_rows, value_blocks).float()
+    output = partials.cumsum(dim=2)[:, :, -1].view(*queries.shape) / row_sums
+    return output, blocks.flatten(-2) / row_sums if return_weights else None
 
 
 def _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks, head_dim) -> int:
-    bytes_per_query_tile = batch_size * num_heads * num_key_blocks * QUERY_TILE * max(head_dim, KEY_BLOCK) * 4
-    return max(1, min(num_query_tiles, MAX_BLOCK_PARTIALS_BYTES // bytes_per_query_tile))
+    # fp32 scores and probabilities and their copies, and the partial outputs of every key block and their sums
+    bytes_per_query = batch_size * num_heads * num_key_blocks * (4 * KEY_BLOCK + 3 * head_dim) * 4
+    return max(1, min(num_query_tiles, MAX_PASS_BYTES // (bytes_per_query * QUERY_TILE)))
 
 
 def _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights):
@@ -318,37 +307,43 @@ def _consistent_attention(module, query, key, value, attention_mask, scaling, dr
     groups = num_heads // num_key_value_heads
     scaling = scaling if scaling is not None else head_dim**-0.5
 
-    # The queries of the heads sharing a key-value head go in one tile: keys and values are never repeated
-    queries = _to_blocks(query, QUERY_TILE)
-    num_query_tiles = queries.shape[2]
-    queries = queries.view(batch_size, num_key_value_heads, groups, num_query_tiles, QUERY_TILE, head_dim)
-    queries = queries.transpose(2, 3).reshape(batch_size, num_key_value_heads, num_query_tiles, -1, head_dim)
-    keys, values = _to_blocks(key, KEY_BLOCK), _to_blocks(value, KEY_BLOCK)
-    num_key_blocks = keys.shape[2]
+    # The queries of the heads sharing a key-value head are multiplied together: keys and values are never repeated
+    query_padding = -query_length % QUERY_TILE
+    queries = F.pad(query, (0, 0, 0, query_padding)).view(batch_size, num_key_value_heads, groups, -1, head_dim)
+    num_query_tiles = queries.shape[3] // QUERY_TILE
     mask = _additive_mask(attention_mask, query_length, key_length, query.device)
-    padding = (0, num_key_blocks * KEY_BLOCK - key_length, 0, num_query_tiles * QUERY_TILE - query_length)
-    mask = _mask_blocks(F.pad(mask, padding, value=float("-inf")), num_key_value_heads, groups)
+    if mask.shape[2] > 1:
+        mask = F.pad(mask, (0, 0, 0, query_padding))  # the padding queries see every key
+    # The products meet keys in one layout: in fp16 a product with keys strided across heads (a forward pass without
+    # cache) rounds unlike one with contiguous keys (a cache)
+    key = key.contiguous()
+    if key_length < KEY_BLOCK:
+        # MKL in fp32 rounds a product against fewer than about 10 keys unlike one against more: the first block's
+        # keys are padded to a whole block, which the mask hides
+        key = F.pad(key, (0, 0, 0, KEY_BLOCK - key_length))
+        mask = F.pad(mask, (0, KEY_BLOCK - key_length), value=float("-inf"))
+    mask_heads = (num_key_value_heads, groups) if mask.shape[1] > 1 else (1, 1)
+    mask = mask.view(mask.shape[0], *mask_heads, *mask.shape[2:])
+    value_blocks = _to_blocks(value, KEY_BLOCK)
 
-    step = _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks, head_dim)
+    step = QUERY_TILE * _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, value_blocks.shape[2], head_dim)
     outputs, weights = [], []
-    for start in range(0, num_query_tiles, step):
-        tiles = slice(start, start + step)
-        output, attention_weights = _blocked_attention(
-            queries[:, :, tiles], keys, values, mask[:, :, tiles], scaling, dropout, module.training
+    for start in range(0, num_query_tiles * QUERY_TILE, step):
+        rows = slice(start, start + step)
+        mask_rows = mask[:, :, :, rows] if mask.shape[3] > 1 else mask
+        output, attention_weights = _attention_pass(
+            queries[:, :, :, rows], key, value_blocks, mask_rows, scaling, dropout, module.training, return_weights
         )
         outputs.append(output)
-        weights.append(attention_weights if return_weights else None)
+        weights.append(attention_weights)
 
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    output = output.view(batch_size, num_key_value_heads, num_query_tiles, groups, QUERY_TILE, head_dim)
-    output = output.transpose(2, 3).reshape(batch_size, num_heads, -1, head_dim)[:, :, :query_length]
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
+    output = output.view(batch_size, num_heads, -1, head_dim)[:, :, :query_length]
     output = output.to(query.dtype).transpose(1, 2).contiguous()
     if not return_weights:
         return output, None
-    attention_weights = weights[0] if len(weights) == 1 else torch.cat(weights, dim=2)
-    attention_weights = attention_weights.permute(0, 1, 4, 2, 5, 3, 6).reshape(
-        batch_size, num_heads, -1, key_length + padding[1]
-    )
+    attention_weights = weights[0] if len(weights) == 1 else torch.cat(weights, dim=3)
+    attention_weights = attention_weights.view(batch_size, num_heads, *attention_weights.shape[3:])
     return output, attention_weights[:, :, :query_length, :key_length].to(query.dtype)
 
 
@@ -422,15 +417,16 @@ def _check_attention(device, dtype) -> list[str]:
     batch_size, num_heads, num_key_value_heads, sequence_length, head_dim = 2, 8, 4, 150, 64
 
     def random(heads):
-        shape = (batch_size, heads, sequence_length, head_dim)
-        return torch.randn(shape, generator=generator, device=device).to(dtype)
+        # Laid out as a model's projections leave them: `(batch, positions, heads, head_dim)` seen head first
+        shape = (batch_size, sequence_length, heads, head_dim)
+        return torch.randn(shape, generator=generator, device=device).to(dtype).transpose(1, 2)
 
     query, key, value = random(num_heads), random(num_key_value_heads), random(num_key_value_heads)
     module = nn.Module().eval()
     whole, _ = consistent_eager_attention_forward(module, query, key, value, None)
     failures = []
-    for position in (0, 5, 63, 64, 100, sequence_length - 1):
-        keys, values = key[:, :, : position + 1], value[:, :, : position + 1]
+    for position in (0, 5, 63, 64, 65, 77, 100, 127, 128, sequence_length - 1):
+        keys, values = key[:, :, : position + 1].contiguous(), value[:, :, : position + 1].contiguous()  # a cache
         step, _ = consistent_sdpa_attention_forward(module, query[:, :, position : position + 1], keys, values, None)
         if not torch.equal(step[:, 0], whole[:, position]):
             failures.append(f"attention ({dtype}) of the query at position {position} differs in a decode step")
