@@ -10,7 +10,8 @@ taken in the same run, the two sides alternating so that drifts of the machine f
 - `generate()` across the switch, patched / unpatched, in tokens per second;
 - a left-padded batch of 8 whose rows cross at 8 different steps: recomputing the crossing rows only, versus
   recomputing the whole batch whenever a row crosses;
-- `consistent=True` against normal mode: prefill, decode step, whole generation;
+- `consistent=True` against normal mode: prefill, decode step, whole generation; what dominates a decode step in
+  each mode (profiled), and the operations (kernel launches on a GPU) of one decode step at a 4k context;
 - the switch cost for several prefix lengths (a model per switch point, same weights): a table and a PNG.
 
 Prints the tables and writes `bench.json` (and `switch_cost.png` when matplotlib is installed) to `--output-dir`.
@@ -21,6 +22,7 @@ Prints the tables and writes `bench.json` (and `switch_cost.png` when matplotlib
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import statistics
@@ -29,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.utils._python_dispatch
 
 import patches
 import transformers
@@ -431,7 +434,10 @@ def bench_batch(model, args) -> dict:
 
 
 def bench_consistent(model, args) -> dict:
-    """`consistent=True` against normal mode (both patched): prefill, decode step, whole generation (no switch)."""
+    """
+    `consistent=True` against normal mode (both patched): prefill, decode step, whole generation (no switch); what
+    dominates a decode step in each mode (profiled); and the operations of one decode step at a 4k context.
+    """
     if not CONSISTENT_DECODING_AVAILABLE:
         return {"skipped": f"consistent decoding needs transformers 4.48 or later, found {transformers.__version__}"}
     vocab_size = model.config.vocab_size
@@ -456,7 +462,77 @@ def bench_consistent(model, args) -> dict:
             args.device,
         )
         results[name] = {"timings": timings, "ratio": ratio(timings["consistent"], timings["normal"])}
+    results["decode step profile"] = profile_decode_steps(model, short_prompt, steps, args.device)
+    results["operations per decode step"] = count_decode_step_operations(model, args.device)
     return results
+
+
+CONSISTENT_TARGETS = {"decode step": "≤ 1.20", "generation": "≤ 1.30"}
+"""Issue 16's bounds on consistent mode's cost, on a CPU."""
+
+PROFILED_OPERATORS = 8
+"""Operators listed in the decode-step profile: those either mode spends the most time in."""
+
+
+def profile_decode_steps(model, prompt, steps, device: str) -> dict:
+    """
+    Time per operator (self time, summed over `steps` fed one at a time after `prompt`) in each mode: what dominates a
+    decode step. On CUDA the time is the kernels' time on the device.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    operators = {}
+    for mode, apply_kwargs in {"normal": {}, "consistent": {"consistent": True}}.items():
+        with patched(**apply_kwargs)(), torch.no_grad():
+            cache = prefilled_cache(model, prompt)
+            decode_steps(model, cache, steps[:, :2], device)  # warm-up
+            with torch.profiler.profile(activities=activities) as profiler:
+                decode_steps(model, cache, steps, device)
+        for event in profiler.key_averages():
+            self_us = event.self_device_time_total if device.startswith("cuda") else event.self_cpu_time_total
+            operators.setdefault(event.key, {"normal": 0.0, "consistent": 0.0})[mode] = self_us / 1e3 / steps.shape[1]
+    ranked = sorted(operators.items(), key=lambda item: max(item[1].values()), reverse=True)
+    return {
+        "steps": steps.shape[1],
+        "per step ms": {name: dict(times) for name, times in ranked[:PROFILED_OPERATORS]},
+        "total per step ms": {mode: sum(times[mode] for _, times in ranked) for mode in ("normal", "consistent")},
+    }
+
+
+class _OperationCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operations dispatched, views aside: on a GPU each is a kernel launch (or an allocation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+DECODE_CONTEXT = 4096
+"""The context of the decode step whose operations are counted."""
+
+
+def count_decode_step_operations(model, device: str) -> dict:
+    """Operations (views aside) of one decode step after `DECODE_CONTEXT - 1` tokens, in each mode."""
+    context = min(DECODE_CONTEXT, model.config.max_position_embeddings) - 1
+    tokens = random_tokens(context + 1, vocab_size=model.config.vocab_size, seed=9).to(device)
+    with patched()(), torch.no_grad():
+        cache = prefilled_cache(model, tokens[:, :context])
+    counts = {"context": context + 1}
+    for mode, apply_kwargs in {"normal": {}, "consistent": {"consistent": True}}.items():
+        with patched(**apply_kwargs)(), torch.no_grad():
+            step_cache = copy.deepcopy(cache)
+            model(tokens[:, context:], past_key_values=step_cache)  # a first call checks the products' shapes
+            step_cache = copy.deepcopy(cache)
+            with _OperationCounter() as counter:
+                model(tokens[:, context:], past_key_values=step_cache)
+        counts[mode] = counter.count
+    return counts
 
 
 def bench_switch_cost(model, args) -> list[dict]:
@@ -512,6 +588,8 @@ def print_tables(results: dict) -> None:
         print(f"| {name} | {format_timing(measured)} | {format_timing(against)} | {value:.3f} | {target} |")
     if "skipped" in results.get("consistent", {}):
         print(f"\nconsistent / normal: skipped ({results['consistent']['skipped']})")
+    elif "consistent" in results:
+        print_consistent_details(results["consistent"])
     if "skipped" in results.get("continuous_batching", {}):
         print(f"\ncontinuous batching: skipped ({results['continuous_batching']['skipped']})")
     if "generate" in results:
@@ -557,9 +635,27 @@ def _consistent_rows(consistent: dict) -> list:
         return []
     return [
         (f"consistent / normal: {name}", measured["timings"]["consistent"], measured["timings"]["normal"],
-         measured["ratio"], "")
+         measured["ratio"], CONSISTENT_TARGETS.get(name, ""))
         for name, measured in consistent.items()
+        if "timings" in measured
     ]  # fmt: skip
+
+
+def print_consistent_details(consistent: dict) -> None:
+    """What dominates a decode step in each mode, and the operations of a decode step at a 4k context."""
+    profile = consistent["decode step profile"]
+    print(f"\nWhere a decode step's time goes (self time per step, mean of {profile['steps']} profiled steps):\n")
+    print("| operator | consistent | normal |")
+    print("|---|---|---|")
+    for name, times in profile["per step ms"].items():
+        print(f"| {name} | {times['consistent']:.3f} ms | {times['normal']:.3f} ms |")
+    total = profile["total per step ms"]
+    print(f"| all operators | {total['consistent']:.3f} ms | {total['normal']:.3f} ms |")
+    operations = consistent["operations per decode step"]
+    print(
+        f"\nOperations of one decode step at a {operations['context']}-token context (views aside; on a GPU, kernel "
+        f"launches): consistent {operations['consistent']}, normal {operations['normal']}"
+    )
 
 
 def _continuous_batching_rows(measured: dict) -> list:

@@ -55,7 +55,21 @@ class BenchmarkScriptTest(unittest.TestCase):
         # Both batch strategies are exact: they must agree to fp32 rounding
         self.assertLess(results["batch"]["max_abs_logit_difference"], 1e-4)
         if CONSISTENT_DECODING_AVAILABLE:
-            self.assertEqual(sorted(results["consistent"]), ["decode step", "generation", "prefill"])
+            consistent = results["consistent"]
+            for name in ("prefill", "decode step", "generation"):
+                self.assertGreater(consistent[name]["ratio"], 0)
+            self.assertIn("| consistent / normal: decode step |", result.stdout)
+            # What dominates a decode step: the operators either mode spends the most time in, both modes' times
+            profile = consistent["decode step profile"]
+            self.assertEqual(len(profile["per step ms"]), 8)
+            for times in profile["per step ms"].values():
+                self.assertEqual(sorted(times), ["consistent", "normal"])
+            self.assertGreater(min(profile["total per step ms"].values()), 0)
+            self.assertIn("Where a decode step's time goes", result.stdout)
+            operations = consistent["operations per decode step"]
+            self.assertEqual(operations["context"], 128)  # the tiny model's longest context
+            self.assertGreater(operations["consistent"], operations["normal"])
+            self.assertIn("Operations of one decode step at a 128-token context", result.stdout)
         else:
             self.assertIn("needs transformers 4.48", results["consistent"]["skipped"])
 
