@@ -500,16 +500,27 @@ def profile_decode_steps(model, prompt, steps, device: str) -> dict:
     }
 
 
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+"""The operations behind `.item()`, `bool()` and `int()` of a tensor: on a GPU each waits for the device, and none
+may run in a step captured as a CUDA graph."""
+
+
 class _OperationCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten operations dispatched, views aside: on a GPU each is a kernel launch (or an allocation)."""
+    """
+    Counts the aten operations dispatched, views aside (on a GPU each is a kernel launch, or an allocation), and the
+    tensors read back to the host.
+    """
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not func.is_view:
             self.count += 1
+        if func in HOST_READS:
+            self.host_reads += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -518,7 +529,7 @@ DECODE_CONTEXT = 4096
 
 
 def count_decode_step_operations(model, device: str) -> dict:
-    """Operations (views aside) of one decode step after `DECODE_CONTEXT - 1` tokens, in each mode."""
+    """Operations (views aside) and reads back to the host of one decode step after `DECODE_CONTEXT - 1` tokens."""
     context = min(DECODE_CONTEXT, model.config.max_position_embeddings) - 1
     tokens = random_tokens(context + 1, vocab_size=model.config.vocab_size, seed=9).to(device)
     with patched()(), torch.no_grad():
@@ -532,6 +543,7 @@ def count_decode_step_operations(model, device: str) -> dict:
             with _OperationCounter() as counter:
                 model(tokens[:, context:], past_key_values=step_cache)
         counts[mode] = counter.count
+        counts[f"{mode} host reads"] = counter.host_reads
     return counts
 
 
@@ -654,7 +666,8 @@ def print_consistent_details(consistent: dict) -> None:
     operations = consistent["operations per decode step"]
     print(
         f"\nOperations of one decode step at a {operations['context']}-token context (views aside; on a GPU, kernel "
-        f"launches): consistent {operations['consistent']}, normal {operations['normal']}"
+        f"launches): consistent {operations['consistent']}, normal {operations['normal']}; tensors read back to the "
+        f"host: consistent {operations['consistent host reads']}, normal {operations['normal host reads']}"
     )
 
 

@@ -69,6 +69,7 @@ class BenchmarkScriptTest(unittest.TestCase):
             operations = consistent["operations per decode step"]
             self.assertEqual(operations["context"], 128)  # the tiny model's longest context
             self.assertGreater(operations["consistent"], operations["normal"])
+            self.assertEqual(operations["consistent host reads"], 0)
             self.assertIn("Operations of one decode step at a 128-token context", result.stdout)
         else:
             self.assertIn("needs transformers 4.48", results["consistent"]["skipped"])

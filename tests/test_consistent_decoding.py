@@ -24,6 +24,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import patches
 from modeling_overrides.integrations import consistent_decoding
@@ -34,6 +35,7 @@ from .cache_consistency_utils import (
     bitwise_mismatches,
     greedy_with_and_without_cache,
     left_padding_mask,
+    new_cache,
     random_tokens,
 )
 
@@ -196,6 +198,37 @@ class ConsistentAttentionTest(unittest.TestCase):
                     output_in_passes, weights_in_passes = self.attention(mask)
                 self.assertTrue(torch.equal(output_in_passes, output))
                 self.assertTrue(torch.equal(weights_in_passes, weights))
+
+
+class _HostReadCounter(TorchDispatchMode):
+    """Counts the tensors read back to the host (`.item()`, `bool()`, `int()` of a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+class DecodeStepCaptureTest(unittest.TestCase):
+    """What capturing a consistent decode step as a CUDA graph needs, checked here: no tensor read back to the host."""
+
+    def test_a_decode_step_reads_no_tensor_back_to_the_host(self):
+        input_ids = random_tokens(41, vocab_size=1000)
+        for family in ("llama", "phi3"):
+            model = realistic_model(family, torch.float32, "sdpa")
+            for kind in ("dynamic", "static"):
+                with self.subTest(family=family, cache=kind), patches.applied(consistent=True), torch.no_grad():
+                    cache = new_cache(kind, model.config, max_cache_len=64)
+                    model(input_ids[:, :39], past_key_values=cache)
+                    model(input_ids[:, 39:40], past_key_values=cache, cache_position=torch.tensor([39]))  # shapes seen
+                    with _HostReadCounter() as host_reads:
+                        model(input_ids[:, 40:41], past_key_values=cache, cache_position=torch.tensor([40]))
+                self.assertEqual(host_reads.count, 0)
 
 
 @unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
