@@ -18,6 +18,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
+from modeling_overrides.integrations.consistent_decoding import ConsistentDecodingCompileError
 from modeling_overrides.rope_cache_utils import (
     DEFAULT_STALE_CACHE_POLICIES,
     STALE_CACHE_POLICIES,
@@ -39,6 +40,7 @@ __all__ = [
     "PatchStatus",
     "StaleRopeCacheError",
     "StaleRopeCacheWarning",
+    "ConsistentDecodingCompileError",
     "ConsistentDecodingUnavailableError",
     "PatchRefusedError",
     "UnprotectedPathsWarning",
@@ -146,11 +148,12 @@ def apply(
         consistent (`bool`, defaults to `False`):
             Make cached decoding bitwise equal to the forward pass without cache over the same tokens, for the Llama
             and Phi-3 families: every `torch.nn.Linear` and SiLU (in the whole process) computes each row as if it
-            came alone, and their attention, requested as `"eager"` (with attention weights) or `"sdpa"`, over fixed
-            query tiles and key blocks (see `modeling_overrides/integrations/consistent_decoding.py`). First checks,
-            in about a second, that this machine's kernels are row-invariant in fp32, bf16 and fp16 with the current
-            thread count, and each new weight shape is checked at its first product. Costs speed (see
-            `docs/measurements.md`). Without it, outputs are bitwise what they were.
+            came alone, and so does their attention, requested as `"eager"` (with attention weights) or `"sdpa"`
+            (see `modeling_overrides/integrations/consistent_decoding.py`). First checks, in about a second, that
+            this machine's kernels are row-invariant in fp32, bf16 and fp16 with the current thread count, and each
+            new weight shape is checked at its first product. Runs eagerly: traced by `torch.compile`, it raises
+            `ConsistentDecodingCompileError`. Costs speed (see `docs/measurements.md`). Without it, outputs are
+            bitwise what they were.
 
     Returns:
         The `PatchStatus` after the call.

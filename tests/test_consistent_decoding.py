@@ -215,7 +215,28 @@ class _HostReadCounter(TorchDispatchMode):
 
 @unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
 class DecodeStepCaptureTest(unittest.TestCase):
-    """What capturing a consistent decode step as a CUDA graph needs, checked here: no tensor read back to the host."""
+    """
+    Compiling and capturing a decode step: `torch.compile` is refused (its kernels are not the verified ones); what
+    capturing an eager decode step as a CUDA graph needs is checked here: no tensor read back to the host.
+    """
+
+    def test_torch_compile_is_refused_not_silently_inexact(self):
+        # Generated kernels round unlike the verified ones (a compiled decode step was 1e-6 off the forward pass)
+        model = tiny_llama_model(attn_implementation="sdpa")
+        input_ids = random_tokens(21)
+        for fullgraph in (False, True):
+            torch._dynamo.reset()
+            with self.subTest(fullgraph=fullgraph), patches.applied(consistent=True), torch.no_grad():
+                cache = new_cache("static", model.config, max_cache_len=32)
+                model(input_ids[:, :20], past_key_values=cache, cache_position=torch.arange(20))
+                compiled_forward = torch.compile(model.forward, fullgraph=fullgraph, backend="eager")
+                # Without fullgraph the refusal itself is raised; with it, torch.compile's error names it
+                expected = "consistent_decoding_does_not_compile" if fullgraph else "runs eagerly only"
+                with self.assertRaisesRegex(Exception, expected) as raised:
+                    compiled_forward(input_ids[:, 20:], past_key_values=cache, cache_position=torch.tensor([20]))
+                if not fullgraph:
+                    self.assertIsInstance(raised.exception, patches.ConsistentDecodingCompileError)
+        torch._dynamo.reset()
 
     def test_a_decode_step_reads_no_tensor_back_to_the_host(self):
         input_ids = random_tokens(41, vocab_size=1000)

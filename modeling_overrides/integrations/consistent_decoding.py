@@ -144,6 +144,25 @@ def _is_row_invariant(products: RowProducts, weight: torch.Tensor) -> bool:
     return True
 
 
+class ConsistentDecodingCompileError(RuntimeError):
+    """Consistent decoding was traced by `torch.compile`, whose generated kernels it cannot make row-invariant."""
+
+
+@torch.compiler.disable
+def consistent_decoding_does_not_compile():
+    """
+    Raises `ConsistentDecodingCompileError`. Called where `torch.compile` traces consistent decoding: the kernels it
+    generates (fused elementwise operations, its own reductions) replace the verified ones and round unlike the
+    forward pass without cache, so a compiled decode step would be silently inexact. Left to run eagerly, so that
+    the error is raised, not traced (with `fullgraph=True`, torch.compile's own error names this function).
+    """
+    raise ConsistentDecodingCompileError(
+        "Consistent decoding runs eagerly only: under torch.compile, generated kernels replace its row-invariant ones "
+        "and round unlike the forward pass without cache. Decode without torch.compile (for generate(): "
+        "`disable_compile=True` in the generation config), or without consistent mode."
+    )
+
+
 def row_products_for(weight: torch.Tensor) -> RowProducts:
     """
     The cheapest way of multiplying rows by `weight` that gives each row the same result whatever rows come with it,
@@ -183,12 +202,10 @@ def _find_row_products(weight: torch.Tensor) -> RowProducts | RowInvarianceError
 def row_invariant_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(input, weight, bias)`, each row computed as if it came alone (see `row_products_for`)."""
     in_features, out_features = input.shape[-1], weight.shape[0]
-    rows = input.reshape(-1, in_features)
     if torch.compiler.is_compiling():
-        products = ROW_PRODUCTS_BY_COST[-1]  # tracing cannot run the check; 16 rows per product
-    else:
-        products = row_products_for(weight)
-    output = products(rows, weight)
+        consistent_decoding_does_not_compile()
+    rows = input.reshape(-1, in_features)
+    output = row_products_for(weight)(rows, weight)
     if bias is not None:
         output = output + bias
     return output.reshape(*input.shape[:-1], out_features)
@@ -302,6 +319,8 @@ def _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks
 
 
 def _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights):
+    if torch.compiler.is_compiling():
+        consistent_decoding_does_not_compile()
     batch_size, num_heads, query_length, head_dim = query.shape
     num_key_value_heads, key_length = key.shape[1], key.shape[2]
     groups = num_heads // num_key_value_heads
