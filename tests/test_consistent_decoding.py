@@ -190,9 +190,19 @@ class ConsistentAttentionTest(unittest.TestCase):
         torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(weights.sum(-1), torch.ones(2, 8, 150))
 
+    def test_fp16_values_near_their_limit_do_not_overflow(self):
+        # A key block's partial output is a weighted mean of its values, as in eager attention: never 64 values summed
+        query = torch.zeros((1, 1, 64, 32), dtype=torch.float16)  # uniform attention
+        value = torch.full((1, 1, 64, 32), 1100.0, dtype=torch.float16)
+        output, _ = consistent_decoding.consistent_sdpa_attention_forward(
+            torch.nn.Module().eval(), query, query.clone(), value, torch.ones((1, 1, 64, 64), dtype=torch.bool)
+        )
+        self.assertTrue(torch.equal(output, torch.full_like(output, 1100.0)))
+
     def test_a_prefill_in_several_passes_equals_one_pass(self):
-        for mask in (self.mask, self.mask[:, :, -1:]):  # full, and one row broadcast over the queries
-            with self.subTest(mask_rows=mask.shape[2]):
+        # A full mask, one row broadcast over the queries, and none (causal)
+        for mask in (self.mask, self.mask[:, :, -1:], None):
+            with self.subTest(mask=None if mask is None else tuple(mask.shape)):
                 output, weights = self.attention(mask)
                 with mock.patch.object(consistent_decoding, "MAX_PASS_BYTES", 1):  # one query tile a pass
                     output_in_passes, weights_in_passes = self.attention(mask)

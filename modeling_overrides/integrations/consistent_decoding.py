@@ -236,32 +236,48 @@ class SiLU(nn.SiLU):
 # 3. Attention ---------------------------------------------------------------------------------------------------------
 
 QUERY_TILE = 4
-"""Queries are padded to a multiple of 4 rows: MKL in fp32 rounds a product of 1, 2 or 3 rows unlike one of 4 or
-more, and from 4 rows on a product over the head dimension (or a key block) gives every row the same result."""
+"""Queries are padded to a multiple of 4 rows: MKL in fp32 rounds a product of 1, 2 or 3 rows unlike one of 4, and
+products over the head dimension (or a key block) of any multiple of 4 rows give every row the same result."""
 
 KEY_BLOCK = 64
 """Keys per block of the sums over keys; blocks start at key 0, whatever the number of queries, and are summed in
 their order, so the masked blocks a forward pass without cache adds are exact zeros."""
 
 MAX_PASS_BYTES = 256 * 2**20
-"""A prefill whose scores and per-block partial outputs would take more memory is computed a few query tiles at a
-time (each query's arithmetic is the same either way)."""
+"""A prefill whose mask, scores, weights and per-block partial outputs would take more memory is computed a few
+query tiles at a time (each query's arithmetic is the same either way)."""
 
 
-def _additive_mask(attention_mask, query_length: int, key_length: int, device) -> torch.Tensor:
-    """The mask as fp32 additive values over `(batch, 1 or heads, 1 or query_length, key_length)`."""
+def _pass_mask(attention_mask, rows: range, query_length: int, key_length: int, padded_key_length: int, device):
+    """
+    The additive fp32 mask of the queries `rows` over `(batch, 1 or heads, len(rows) or 1, padded_key_length)`, or
+    `None` where nothing is masked. Padding queries (from `query_length` on) see every key; padding keys (from
+    `key_length` on) are hidden.
+    """
     if attention_mask is None:
         # As `scaled_dot_product_attention` reads a missing mask (the masking utilities leave it out only where that
         # is right): one query sees every key; several are causal from the first key (a prefill, also of a static
         # cache whose later slots are still empty)
-        if query_length == 1:
-            return torch.zeros((1, 1, 1, key_length), device=device)
-        query_positions = torch.arange(query_length, device=device)[:, None]
-        key_positions = torch.arange(key_length, device=device)[None]
-        return torch.where(key_positions <= query_positions, 0.0, float("-inf"))[None, None]
-    if attention_mask.dtype == torch.bool:
-        return torch.where(attention_mask[..., :key_length], 0.0, float("-inf"))
-    return attention_mask[..., :key_length].float()
+        mask = None
+        if query_length > 1:
+            query_positions = torch.arange(rows.start, rows.stop, device=device)[:, None]
+            key_positions = torch.arange(key_length, device=device)[None]
+            visible = (key_positions <= query_positions) | (query_positions >= query_length)
+            mask = torch.where(visible, 0.0, float("-inf"))[None, None]
+    else:
+        if attention_mask.shape[2] > 1:
+            attention_mask = attention_mask[:, :, rows.start : min(rows.stop, query_length)]
+        attention_mask = attention_mask[..., :key_length]
+        if attention_mask.dtype == torch.bool:
+            mask = torch.where(attention_mask, 0.0, float("-inf"))
+        else:
+            mask = attention_mask.float()
+        if mask.shape[2] > 1 and rows.stop > query_length:
+            mask = F.pad(mask, (0, 0, 0, rows.stop - query_length))
+    if padded_key_length > key_length:
+        mask = torch.zeros((1, 1, 1, key_length), device=device) if mask is None else mask
+        mask = F.pad(mask, (0, padded_key_length - key_length), value=float("-inf"))
+    return mask
 
 
 def _to_blocks(tensor: torch.Tensor, rows_per_block: int) -> torch.Tensor:
@@ -276,45 +292,67 @@ def _to_blocks(tensor: torch.Tensor, rows_per_block: int) -> torch.Tensor:
     return tensor.reshape(batch_size, num_heads, -1, rows_per_block, num_columns)
 
 
+def _sum_blocks(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """
+    The sum over `dim` of key blocks, as a pairwise tree over a power of two of blocks (zero blocks added): the blocks
+    after a query's last key, which a forward pass without cache adds and a decode step does not have, meet zeros
+    at every level, so both give the same bits, on any device (elementwise additions only). `dim` is removed.
+    """
+    dim = dim % tensor.dim()
+    num_blocks = tensor.shape[dim]
+    padding = (1 << (num_blocks - 1).bit_length()) - num_blocks
+    if padding:
+        tensor = F.pad(tensor, (0, 0) * (tensor.dim() - 1 - dim) + (0, padding))
+    while tensor.shape[dim] > 1:
+        half = tensor.shape[dim] // 2
+        tensor = tensor.narrow(dim, 0, half) + tensor.narrow(dim, half, half)
+    return tensor.squeeze(dim)
+
+
 def _attention_pass(queries, keys, value_blocks, mask, scaling, dropout, training, return_weights):
     """
     Attention of queries `(batch, kv_heads, groups, queries, head_dim)` (the `groups` heads that share a key-value
     head, `queries` a multiple of `QUERY_TILE`) over keys `(batch, kv_heads, keys, head_dim)` and value blocks
     `(batch, kv_heads, key_blocks, KEY_BLOCK, head_dim)`, with an additive fp32 mask broadcastable to
-    `(batch, kv_heads, groups, queries, keys)`. Returns the fp32 output `(batch, kv_heads, groups, queries,
+    `(batch, kv_heads, groups, queries, keys)` or `None`. Returns the fp32 output `(batch, kv_heads, groups, queries,
     head_dim)` and, if `return_weights`, the attention weights `(batch, kv_heads, groups, queries,
     key_blocks * KEY_BLOCK)`.
     """
     batch_size, num_key_value_heads, groups, num_queries, head_dim = queries.shape
     key_length, num_key_blocks = keys.shape[2], value_blocks.shape[2]
-    # One product over the head dimension for all the queries of a key-value head: from 4 rows on, every query
-    # meets the same kernel whatever the number of queries and keys
-    rows = queries.reshape(batch_size, num_key_value_heads, groups * num_queries, head_dim)
-    scores = torch.matmul(rows, keys.transpose(2, 3)).view(*queries.shape[:4], key_length)
-    scores = scores.float() * scaling + mask
+    # One product over the head dimension for all the queries of a key-value head: every query meets the same kernel
+    # whatever the number of queries (a multiple of 4) and keys
+    query_rows = queries.reshape(batch_size, num_key_value_heads, groups * num_queries, head_dim)
+    scores = torch.matmul(query_rows, keys.transpose(2, 3)).view(*queries.shape[:4], key_length)
+    scores = scores.float() * scaling
+    if mask is not None:
+        scores = scores + mask
 
     # The maximum over a query's keys is exact whatever the number of masked keys; a fully masked row keeps a
     # finite shift, so that its probabilities are zeros
     row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-    probabilities = F.pad(torch.exp(scores - row_max), (0, num_key_blocks * KEY_BLOCK - key_length))
+    probabilities = torch.exp(scores - row_max)
+    if num_key_blocks * KEY_BLOCK > key_length:
+        probabilities = F.pad(probabilities, (0, num_key_blocks * KEY_BLOCK - key_length))
     blocks = probabilities.view(*queries.shape[:4], num_key_blocks, KEY_BLOCK)
-    # Blocks summed in their order: the masked blocks after a query's last key add exact zeros. A row that is not
-    # fully masked sums to at least 1 (its maximum's exp(0)); a fully masked one to 0, left as 0 / 1
-    row_sums = blocks.sum(dim=-1).cumsum(dim=-1)[..., -1:].clamp_min(1.0)
+    # A row that is not fully masked sums to at least 1 (its maximum's exp(0)), a fully masked one to 0, left as 0 / 1
+    row_sums = _sum_blocks(blocks.sum(dim=-1), dim=-1)[..., None, None].clamp_min(1.0)
+    # Normalised before the values, as eager attention does: a block's partial output stays within the values' range
+    weights = blocks / row_sums
     if training and dropout > 0:
-        blocks = F.dropout(blocks, p=dropout, training=True)
+        weights = F.dropout(weights, p=dropout, training=True)
 
-    # One product per key block, its partial outputs summed in block order
-    block_rows = blocks.to(value_blocks.dtype).permute(0, 1, 4, 2, 3, 5)
+    # One product per key block, its partial outputs summed over the blocks
+    block_rows = weights.to(value_blocks.dtype).permute(0, 1, 4, 2, 3, 5)
     block_rows = block_rows.reshape(batch_size, num_key_value_heads, num_key_blocks, groups * num_queries, KEY_BLOCK)
     partials = torch.matmul(block_rows, value_blocks).float()
-    output = partials.cumsum(dim=2)[:, :, -1].view(*queries.shape) / row_sums
-    return output, blocks.flatten(-2) / row_sums if return_weights else None
+    output = _sum_blocks(partials, dim=2).view(*queries.shape)
+    return output, (weights.flatten(-2) if return_weights else None)
 
 
 def _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks, head_dim) -> int:
-    # fp32 scores and probabilities and their copies, and the partial outputs of every key block and their sums
-    bytes_per_query = batch_size * num_heads * num_key_blocks * (4 * KEY_BLOCK + 3 * head_dim) * 4
+    # The fp32 mask, scores, probabilities and weights and their copies, and the partial outputs of every key block
+    bytes_per_query = batch_size * num_heads * num_key_blocks * (6 * KEY_BLOCK + 3 * head_dim) * 4
     return max(1, min(num_query_tiles, MAX_PASS_BYTES // (bytes_per_query * QUERY_TILE)))
 
 
@@ -328,36 +366,44 @@ def _consistent_attention(module, query, key, value, attention_mask, scaling, dr
 
     # The queries of the heads sharing a key-value head are multiplied together: keys and values are never repeated
     query_padding = -query_length % QUERY_TILE
-    queries = F.pad(query, (0, 0, 0, query_padding)).view(batch_size, num_key_value_heads, groups, -1, head_dim)
-    num_query_tiles = queries.shape[3] // QUERY_TILE
-    mask = _additive_mask(attention_mask, query_length, key_length, query.device)
-    if mask.shape[2] > 1:
-        mask = F.pad(mask, (0, 0, 0, query_padding))  # the padding queries see every key
+    queries = F.pad(query, (0, 0, 0, query_padding)) if query_padding else query
+    queries = queries.view(batch_size, num_key_value_heads, groups, -1, head_dim)
+    padded_query_length = queries.shape[3]
     # The products meet keys in one layout: in fp16 a product with keys strided across heads (a forward pass without
     # cache) rounds unlike one with contiguous keys (a cache)
-    key = key.contiguous()
+    keys = key.contiguous()
     if key_length < KEY_BLOCK:
         # MKL in fp32 rounds a product against fewer than about 10 keys unlike one against more: the first block's
         # keys are padded to a whole block, which the mask hides
-        key = F.pad(key, (0, 0, 0, KEY_BLOCK - key_length))
-        mask = F.pad(mask, (0, KEY_BLOCK - key_length), value=float("-inf"))
-    mask_heads = (num_key_value_heads, groups) if mask.shape[1] > 1 else (1, 1)
-    mask = mask.view(mask.shape[0], *mask_heads, *mask.shape[2:])
+        keys = F.pad(keys, (0, 0, 0, KEY_BLOCK - key_length))
     value_blocks = _to_blocks(value, KEY_BLOCK)
+    num_key_blocks = value_blocks.shape[2]
 
-    step = QUERY_TILE * _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, value_blocks.shape[2], head_dim)
+    query_tiles = _query_tiles_per_pass(
+        batch_size, num_heads, padded_query_length // QUERY_TILE, num_key_blocks, head_dim
+    )
     outputs, weights = [], []
-    for start in range(0, num_query_tiles * QUERY_TILE, step):
-        rows = slice(start, start + step)
-        mask_rows = mask[:, :, :, rows] if mask.shape[3] > 1 else mask
+    for start in range(0, padded_query_length, query_tiles * QUERY_TILE):
+        rows = range(start, min(start + query_tiles * QUERY_TILE, padded_query_length))
+        mask = _pass_mask(attention_mask, rows, query_length, key_length, keys.shape[2], query.device)
+        if mask is not None:
+            mask_heads = (num_key_value_heads, groups) if mask.shape[1] > 1 else (1, 1)
+            mask = mask.view(mask.shape[0], *mask_heads, *mask.shape[2:])
         output, attention_weights = _attention_pass(
-            queries[:, :, :, rows], key, value_blocks, mask_rows, scaling, dropout, module.training, return_weights
+            queries[:, :, :, rows.start : rows.stop],
+            keys,
+            value_blocks,
+            mask,
+            scaling,
+            dropout,
+            module.training,
+            return_weights,
         )
         outputs.append(output)
         weights.append(attention_weights)
 
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
-    output = output.view(batch_size, num_heads, -1, head_dim)[:, :, :query_length]
+    output = output.reshape(batch_size, num_heads, -1, head_dim)[:, :, :query_length]
     output = output.to(query.dtype).transpose(1, 2).contiguous()
     if not return_weights:
         return output, None
@@ -430,25 +476,43 @@ def _check_elementwise(device, dtype) -> list[str]:
     return failures
 
 
-def _check_attention(device, dtype) -> list[str]:
-    """Why a decode step's attention differs from the same query's in a forward pass over the whole sequence."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    batch_size, num_heads, num_key_value_heads, sequence_length, head_dim = 2, 8, 4, 150, 64
+ATTENTION_CHECKS = (
+    (150, range(150), (0, 5, 63, 64, 65, 77, 100, 127, 128, 149)),
+    (2100, range(2036, 2100), (2047, 2099)),
+)
+"""`(keys, queries of the forward pass, positions of the decode steps)` of the attention check: every position of a
+short sequence, and the last queries of one over more than 32 key blocks (CUDA scans a long dimension in chunks)."""
 
-    def random(heads):
+
+def _check_attention(device, dtype) -> list[str]:
+    """Why a decode step's attention differs from the same query's in a forward pass over the sequence."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch_size, num_heads, num_key_value_heads, head_dim = 2, 8, 4, 64
+    module = nn.Module().eval()
+    failures = []
+
+    def random(heads, sequence_length):
         # Laid out as a model's projections leave them: `(batch, positions, heads, head_dim)` seen head first
         shape = (batch_size, sequence_length, heads, head_dim)
         return torch.randn(shape, generator=generator, device=device).to(dtype).transpose(1, 2)
 
-    query, key, value = random(num_heads), random(num_key_value_heads), random(num_key_value_heads)
-    module = nn.Module().eval()
-    whole, _ = consistent_eager_attention_forward(module, query, key, value, None)
-    failures = []
-    for position in (0, 5, 63, 64, 65, 77, 100, 127, 128, sequence_length - 1):
-        keys, values = key[:, :, : position + 1].contiguous(), value[:, :, : position + 1].contiguous()  # a cache
-        step, _ = consistent_sdpa_attention_forward(module, query[:, :, position : position + 1], keys, values, None)
-        if not torch.equal(step[:, 0], whole[:, position]):
-            failures.append(f"attention ({dtype}) of the query at position {position} differs in a decode step")
+    for sequence_length, forward_queries, positions in ATTENTION_CHECKS:
+        query = random(num_heads, sequence_length)
+        key, value = random(num_key_value_heads, sequence_length), random(num_key_value_heads, sequence_length)
+        # The whole sequence as a forward pass without cache leaves it (no mask), or its last queries (causal rows)
+        queries = slice(forward_queries.start, forward_queries.stop)
+        mask = None
+        if forward_queries.start > 0:
+            key_positions = torch.arange(sequence_length, device=device)
+            mask = (key_positions[None] <= key_positions[queries, None])[None, None]
+        forward, _ = consistent_eager_attention_forward(module, query[:, :, queries], key, value, mask)
+        for position in positions:
+            keys, values = key[:, :, : position + 1].contiguous(), value[:, :, : position + 1].contiguous()  # a cache
+            step, _ = consistent_sdpa_attention_forward(
+                module, query[:, :, position : position + 1], keys, values, None
+            )
+            if not torch.equal(step[:, 0], forward[:, position - forward_queries.start]):
+                failures.append(f"attention ({dtype}) of the query at position {position} differs in a decode step")
     return failures
 
 
