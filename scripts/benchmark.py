@@ -464,6 +464,7 @@ def bench_consistent(model, args) -> dict:
         results[name] = {"timings": timings, "ratio": ratio(timings["consistent"], timings["normal"])}
     results["decode step profile"] = profile_decode_steps(model, short_prompt, steps, args.device)
     results["operations per decode step"] = count_decode_step_operations(model, args.device)
+    results["decode-step attention"] = bench_decode_step_attention(model, args)
     return results
 
 
@@ -500,9 +501,72 @@ def profile_decode_steps(model, prompt, steps, device: str) -> dict:
     }
 
 
-HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
-"""The operations behind `.item()`, `bool()` and `int()` of a tensor: on a GPU each waits for the device, and none
-may run in a step captured as a CUDA graph."""
+ATTENTION_CONTEXTS = (128, 1024, 4096)
+"""Key counts of the decode-step attention measured alone."""
+
+
+def bench_decode_step_attention(model, args) -> dict:
+    """
+    The attention of one decode step alone, with the model's heads: consistent mode's function against
+    `scaled_dot_product_attention` (what normal mode runs), and the operations of each (views aside).
+    """
+    from modeling_overrides.integrations.consistent_decoding import consistent_sdpa_attention_forward
+
+    config, dtype = model.config, next(model.parameters()).dtype
+    head_dim = config.hidden_size // config.num_attention_heads
+    groups = config.num_attention_heads // config.num_key_value_heads
+    module = torch.nn.Module().eval()
+    results = {}
+    for key_length in ATTENTION_CONTEXTS:
+        generator = torch.Generator().manual_seed(key_length)
+
+        def random(heads, length):
+            return torch.randn((1, heads, length, head_dim), generator=generator).to(args.device, dtype)
+
+        query = random(config.num_attention_heads, 1)
+        key, value = random(config.num_key_value_heads, key_length), random(config.num_key_value_heads, key_length)
+        repeated_key, repeated_value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        functions = {
+            "consistent": lambda: consistent_sdpa_attention_forward(module, query, key, value, None),
+            "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(query, repeated_key, repeated_value),
+        }
+        cases = {
+            name: (contextlib.nullcontext, lambda: None, _repeat_timed(function, args.device))
+            for name, function in functions.items()
+        }
+        timings = side_by_side(cases, args.repeats, args.warmup, args.device)
+        operations = {}
+        for name, function in functions.items():
+            with _OperationCounter() as counter:
+                function()
+            operations[name] = counter.count
+        results[key_length] = {
+            "timings": timings,
+            "ratio": ratio(timings["consistent"], timings["sdpa"]),
+            "operations": operations,
+        }
+    return results
+
+
+ATTENTION_CALLS_PER_RUN = 20
+"""Calls per timed run of the attention alone (one call is tens of microseconds)."""
+
+
+def _repeat_timed(function, device: str):
+    def run(_):
+        return [timed(device, lambda: [function() for _ in range(ATTENTION_CALLS_PER_RUN)]) / ATTENTION_CALLS_PER_RUN]
+
+    return run
+
+
+HOST_READS = (
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+)
+"""The operations behind `.item()`, `bool()` and `int()` of a tensor, and those whose output size depends on the data:
+on a GPU each waits for the device, and none may run in a step captured as a CUDA graph."""
 
 
 class _OperationCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -578,7 +642,8 @@ def machine() -> dict:
 
 
 def format_timing(timing: dict) -> str:
-    return f"{timing['median_ms']:.2f} ms ({timing['min_ms']:.2f}-{timing['max_ms']:.2f})"
+    digits = 3 if timing["median_ms"] < 1 else 2
+    return f"{timing['median_ms']:.{digits}f} ms ({timing['min_ms']:.{digits}f}-{timing['max_ms']:.{digits}f})"
 
 
 def print_tables(results: dict) -> None:
@@ -650,6 +715,10 @@ def _consistent_rows(consistent: dict) -> list:
          measured["ratio"], CONSISTENT_TARGETS.get(name, ""))
         for name, measured in consistent.items()
         if "timings" in measured
+    ] + [
+        (f"consistent / SDPA: decode-step attention alone, {key_length} keys", measured["timings"]["consistent"],
+         measured["timings"]["sdpa"], measured["ratio"], "")
+        for key_length, measured in consistent.get("decode-step attention", {}).items()
     ]  # fmt: skip
 
 
@@ -663,6 +732,12 @@ def print_consistent_details(consistent: dict) -> None:
         print(f"| {name} | {times['consistent']:.3f} ms | {times['normal']:.3f} ms |")
     total = profile["total per step ms"]
     print(f"| all operators | {total['consistent']:.3f} ms | {total['normal']:.3f} ms |")
+    attention = consistent["decode-step attention"]
+    counts = ", ".join(
+        f"{key_length} keys {measured['operations']['consistent']} (SDPA {measured['operations']['sdpa']})"
+        for key_length, measured in attention.items()
+    )
+    print(f"\nOperations of the decode-step attention alone (views aside): {counts}")
     operations = consistent["operations per decode step"]
     print(
         f"\nOperations of one decode step at a {operations['context']}-token context (views aside; on a GPU, kernel "

@@ -70,6 +70,13 @@ class BenchmarkScriptTest(unittest.TestCase):
             self.assertEqual(operations["context"], 128)  # the tiny model's longest context
             self.assertGreater(operations["consistent"], operations["normal"])
             self.assertEqual(operations["consistent host reads"], 0)
+            # The attention of a decode step alone, at each context: a ratio to SDPA and both operation counts
+            attention = consistent["decode-step attention"]
+            self.assertEqual(sorted(attention), ["1024", "128", "4096"])
+            for measured in attention.values():
+                self.assertGreater(measured["ratio"], 0)
+                self.assertGreater(measured["operations"]["consistent"], measured["operations"]["sdpa"])
+            self.assertIn("decode-step attention alone, 4096 keys", result.stdout)
             self.assertIn("Operations of one decode step at a 128-token context", result.stdout)
         else:
             self.assertIn("needs transformers 4.48", results["consistent"]["skipped"])
