@@ -9,7 +9,7 @@ import torch
 
 from transformers import Phi3ForCausalLM
 
-from .tiny_models import SWITCH_POINT, random_tokens, reset_dynamic_rope
+from .tiny_models import SWITCH_POINT, new_cache, random_tokens, reset_dynamic_rope
 
 
 FP32_TOLERANCE = 1e-4
@@ -20,6 +20,17 @@ differ by ~1e-7 (matrix products of different shapes round differently); a stale
 CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Phi3ForCausalLM.forward).parameters else "past_key_values"
 """The keyword a forward pass takes its cache under: `cache` from 5.24 (`past_key_values` is then a deprecated alias,
 still accepted until 5.40), `past_key_values` before."""
+
+
+LOGITS_TO_KEEP_ARGUMENT = next(
+    (
+        name
+        for name in ("logits_to_keep", "num_logits_to_keep")
+        if name in inspect.signature(Phi3ForCausalLM.forward).parameters
+    ),
+    None,
+)
+"""The causal LM's argument for returning only the last logits, by release (4.44 has none)."""
 
 
 @torch.no_grad()
@@ -177,3 +188,30 @@ def continuous_batching_errors(model, prompts: list[list[int]], max_new_tokens: 
         errors = [abs(got - expected) for got, expected in zip(output.logprobs, logprobs)]
         results.append((True, max(errors)))
     return results
+
+
+@torch.no_grad()
+def last_logits_without_cache(model, input_ids) -> torch.Tensor:
+    """The last token's logits of a forward pass without cache (the reference), in fp32."""
+    last_only = {LOGITS_TO_KEEP_ARGUMENT: 1} if LOGITS_TO_KEEP_ARGUMENT else {}
+    return model(input_ids, use_cache=False, **last_only).logits[:, -1].float()
+
+
+@torch.no_grad()
+def first_token_divergence(model, prompt: torch.Tensor) -> list[float]:
+    """
+    Max |Δ| per hidden state (0 = embeddings), then for the logits, of the first generated token: as a decode step
+    after a prefill of `prompt` into a cache, against the last position of one forward pass without cache.
+    """
+    prompt = prompt.to(model.device)
+    cache = new_cache("dynamic", model.config)
+    prefill = model(prompt, past_key_values=cache, use_cache=True)
+    next_token = prefill.logits[:, -1:].argmax(-1)
+    cached = model(next_token, past_key_values=cache, use_cache=True, output_hidden_states=True)
+    reference = model(torch.cat([prompt, next_token], dim=-1), use_cache=False, output_hidden_states=True)
+    errors = [
+        (state[:, -1].float() - reference_state[:, -1].float()).abs().max().item()
+        for state, reference_state in zip(cached.hidden_states, reference.hidden_states)
+    ]
+    errors.append((cached.logits[:, -1].float() - reference.logits[:, -1].float()).abs().max().item())
+    return errors

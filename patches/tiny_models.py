@@ -1,7 +1,8 @@
 """
 Tiny random models of every family the patches cover, with a RoPE switch after `SWITCH_POINT` tokens, built as the
-installed transformers release wants them (config keys and cache constructors changed over the releases). The
-self-check (`python -m patches check`), the demo and the tests decode with them; nothing is downloaded.
+installed transformers release wants them (config keys and cache constructors changed over the releases), and the
+sizes of real checkpoints for random-weight models of their shape. The self-check (`python -m patches check`), the
+demo, the scripts and the tests decode with them; nothing is downloaded.
 """
 
 import importlib
@@ -61,6 +62,30 @@ def longrope_factor_profile(head_dim: int) -> tuple[list[float], list[float]]:
     steps = [i / (head_dim // 2 - 1) for i in range(head_dim // 2)]
     return [1.0 + 1.5 * t**4 for t in steps], [1.0 + 63.0 * t**3 for t in steps]
 
+
+PHI3_MINI_128K_SHAPE = {
+    "vocab_size": 32064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 131072,
+}
+"""Phi-3-mini-128k's sizes; it switches to the long factors after 4096 tokens."""
+
+PHI3_MINI_SWITCH_POINT = 4096
+
+LLAMA_7B_SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+}
+"""Llama-2-7B's sizes (a fixed RoPE: the model of the first background thread's divergence table)."""
 
 TINY_DECODER = {
     "vocab_size": 97,

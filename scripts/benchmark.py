@@ -35,9 +35,10 @@ import torch.utils._python_dispatch
 
 import patches
 import transformers
-from tests.cache_consistency_utils import (
-    CONSISTENT_DECODING_AVAILABLE,
-    LOGITS_TO_KEEP_ARGUMENT,
+from patches.reference import LOGITS_TO_KEEP_ARGUMENT
+from patches.tiny_models import (
+    PHI3_MINI_128K_SHAPE,
+    PHI3_MINI_SWITCH_POINT,
     SWITCH_POINT,
     TINY_DECODER,
     longrope_factor_profile,
@@ -45,7 +46,6 @@ from tests.cache_consistency_utils import (
     random_tokens,
     tiny_phi3_config,
 )
-from tests.real_size_utils import PHI3_MINI_128K_SHAPE, PHI3_MINI_SWITCH_POINT
 from transformers import Phi3ForCausalLM
 
 
@@ -438,8 +438,11 @@ def bench_consistent(model, args) -> dict:
     `consistent=True` against normal mode (both patched): prefill, decode step, whole generation (no switch); what
     dominates a decode step in each mode (profiled); and the operations of one decode step at a 4k context.
     """
-    if not CONSISTENT_DECODING_AVAILABLE:
-        return {"skipped": f"consistent decoding needs transformers 4.48 or later, found {transformers.__version__}"}
+    try:
+        with patched(consistent=True)():
+            pass
+    except patches.ConsistentDecodingUnavailableError as error:  # a release before 4.48, or this machine's kernels
+        return {"skipped": str(error)}
     vocab_size = model.config.vocab_size
     prompt = random_tokens(args.switch_point, vocab_size=vocab_size, seed=7).to(args.device)
     short_prompt = prompt[:, : args.switch_point // 4]

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tests.cache_consistency_utils import TINY_DECODER, TRANSFORMERS_VERSION
-from tests.real_size_utils import first_token_divergence
+from patches.reference import first_token_divergence
+from patches.tiny_models import TINY_DECODER, TRANSFORMERS_VERSION
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,

@@ -14,6 +14,7 @@ from modeling_overrides.rope_cache_utils import rope_frequency_regime
 from patches.reference import (  # noqa: F401
     CACHE_KEYWORD,
     FP32_TOLERANCE,
+    LOGITS_TO_KEEP_ARGUMENT,
     generate_errors,
     hand_written_loop_errors,
     left_padded_batch,
@@ -23,7 +24,10 @@ from patches.reference import (  # noqa: F401
 )
 from patches.tiny_models import (  # noqa: F401
     DYNAMIC_NTK_FACTOR,
+    LLAMA_7B_SHAPE,
     LONG_MSCALE,
+    PHI3_MINI_128K_SHAPE,
+    PHI3_MINI_SWITCH_POINT,
     SHORT_MSCALE,
     SWITCH_POINT,
     TINY_DECODER,
@@ -46,16 +50,6 @@ from patches.tiny_models import (  # noqa: F401
 from transformers import Phi3ForCausalLM
 from transformers.utils import logging
 
-
-LOGITS_TO_KEEP_ARGUMENT = next(
-    (
-        name
-        for name in ("logits_to_keep", "num_logits_to_keep")
-        if name in inspect.signature(Phi3ForCausalLM.forward).parameters
-    ),
-    None,
-)
-"""The causal LM's argument for returning only the last logits, by release (4.44 has none)."""
 
 REPORTS_SPECULATIVE_LOGITS_PER_TOKEN = Version("4.45") <= TRANSFORMERS_VERSION
 """4.44's assisted decoding returns `output_logits` that do not line up with the tokens (seen even without RoPE

@@ -20,40 +20,19 @@ import os
 
 import torch
 
+from patches.reference import first_token_divergence, last_logits_without_cache  # noqa: F401
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3ForCausalLM
 
 from .cache_consistency_utils import (
-    LOGITS_TO_KEEP_ARGUMENT,
+    LLAMA_7B_SHAPE,
+    PHI3_MINI_128K_SHAPE,
+    PHI3_MINI_SWITCH_POINT,
     TRANSFORMERS_VERSION,
     longrope_factor_profile,
     new_cache,
     tiny_phi3_config,
 )
 
-
-PHI3_MINI_128K_SHAPE = {
-    "vocab_size": 32064,
-    "hidden_size": 3072,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 131072,
-}
-"""Phi-3-mini-128k's sizes; it switches to the long factors after 4096 tokens."""
-
-PHI3_MINI_SWITCH_POINT = 4096
-
-LLAMA_7B_SHAPE = {
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-}
-"""Llama-2-7B's sizes (a fixed RoPE: the model of the first background thread's divergence table)."""
 
 CHECKPOINTS = {
     "phi3-mini-128k": ("PHI3_MINI_128K_PATH", "microsoft/Phi-3-mini-128k-instruct"),
@@ -136,13 +115,6 @@ def long_text_ids(tokenizer, length: int, device) -> torch.LongTensor:
 
 
 @torch.no_grad()
-def last_logits_without_cache(model, input_ids) -> torch.Tensor:
-    """The last token's logits of a forward pass without cache (the reference), in fp32."""
-    last_only = {LOGITS_TO_KEEP_ARGUMENT: 1} if LOGITS_TO_KEEP_ARGUMENT else {}
-    return model(input_ids, use_cache=False, **last_only).logits[:, -1].float()
-
-
-@torch.no_grad()
 def decode_step_errors(model, input_ids, prompt_length: int) -> dict[int, float]:
     """
     Prefills `input_ids[:, :prompt_length]` into a cache, then feeds the rest one token at a time; returns, for each
@@ -155,24 +127,4 @@ def decode_step_errors(model, input_ids, prompt_length: int) -> dict[int, float]
         step_logits = model(input_ids[:, length - 1 : length], past_key_values=cache).logits[:, -1].float()
         reference = last_logits_without_cache(model, input_ids[:, :length])
         errors[length] = (step_logits - reference).abs().max().item()
-    return errors
-
-
-@torch.no_grad()
-def first_token_divergence(model, prompt: torch.Tensor) -> list[float]:
-    """
-    Max |Δ| per hidden state (0 = embeddings), then for the logits, of the first generated token: as a decode step
-    after a prefill of `prompt` into a cache, against the last position of one forward pass without cache.
-    """
-    prompt = prompt.to(model.device)
-    cache = new_cache("dynamic", model.config)
-    prefill = model(prompt, past_key_values=cache, use_cache=True)
-    next_token = prefill.logits[:, -1:].argmax(-1)
-    cached = model(next_token, past_key_values=cache, use_cache=True, output_hidden_states=True)
-    reference = model(torch.cat([prompt, next_token], dim=-1), use_cache=False, output_hidden_states=True)
-    errors = [
-        (state[:, -1].float() - reference_state[:, -1].float()).abs().max().item()
-        for state, reference_state in zip(cached.hidden_states, reference.hidden_states)
-    ]
-    errors.append((cached.logits[:, -1].float() - reference.logits[:, -1].float()).abs().max().item())
     return errors

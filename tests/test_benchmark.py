@@ -79,7 +79,7 @@ class BenchmarkScriptTest(unittest.TestCase):
             self.assertIn("decode-step attention alone, 4096 keys", result.stdout)
             self.assertIn("Operations of one decode step at a 128-token context", result.stdout)
         else:
-            self.assertIn("needs transformers 4.48", results["consistent"]["skipped"])
+            self.assertIn("needs transformers>=4.48", results["consistent"]["skipped"])
 
     def test_cuda_without_a_gpu_is_a_clear_error(self):
         import torch
