@@ -518,7 +518,8 @@ def consistent_decoding_bindings() -> list[Binding]:
     """
     The bindings of `consistent=True`: every `nn.Linear` multiplies its rows in a way verified row-invariant on the
     running machine, SiLU is computed with kernels vectorised to the last element, and the attention of the models
-    marked `consistent` in the table (requested as `"eager"` or `"sdpa"`) over fixed query tiles and key blocks.
+    marked `consistent` in the table (requested as `"eager"` or `"sdpa"`) gives each query the same result whatever
+    queries come with it and whether its keys were cached.
     Empty when the installed release does not share attention functions through `ALL_ATTENTION_FUNCTIONS` (before
     4.48).
     """

@@ -34,9 +34,10 @@ The rules that remove them, section by section below:
    once per shape (`row_products_for`); where no way is row-invariant it raises `RowInvarianceError`.
 2. **Activation**: SiLU as `x / (1 + exp(-x))`, whose kernels are vectorised to the last element.
 3. **Attention**: queries padded to a multiple of `QUERY_TILE` rows and multiplied by the keys in one product per
-   key-value head (from 4 rows on, a product over the head dimension gives every row the same result); softmax with
-   the query's exact maximum; the sums over keys in blocks of `KEY_BLOCK` from key 0, added in their order (a
-   cumulative sum), so that the masked blocks the forward pass without cache adds are exact zeros.
+   key-value head (products over the head dimension of any multiple of 4 rows give every row the same result);
+   softmax with the query's exact maximum, normalised before the values; the sums over keys in blocks of
+   `KEY_BLOCK` from key 0, the blocks added as a pairwise tree over a power of two of blocks, so that the masked
+   blocks the forward pass without cache adds meet zeros.
 4. **Verification** (`verify_kernels`): the checks above on canonical shapes in fp32, bf16 and fp16, in about a
    second, run before consistent decoding is switched on.
 """
