@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import patches
 from modeling_overrides.integrations import consistent_decoding
 from patches.tiny_models import tiny_llama_model, tiny_phi3_model
+from transformers.testing_utils import require_torch_accelerator, slow, torch_device
 
 from .cache_consistency_utils import (
     TRANSFORMERS_VERSION,
@@ -117,6 +118,41 @@ class RealisticWidthConsistentDecodingTest(unittest.TestCase):
         with patches.applied():
             mismatches = bitwise_mismatches(model, random_tokens(50, vocab_size=1000), 40)
         self.assertGreater(len(mismatches), 0)
+
+
+@slow
+@require_torch_accelerator
+@unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
+class AcceleratorConsistentDecodingTest(unittest.TestCase):
+    """
+    The realistic-width checks on the accelerator (`make test-slow` on a GPU). `apply(consistent=True)` first checks
+    the accelerator's kernels too, and refuses, naming each one, where they are not row-invariant.
+    """
+
+    def test_left_padded_decode_steps_across_the_switch(self):
+        input_ids = random_tokens(64, batch_size=2, vocab_size=1000).to(torch_device)
+        attention_mask = left_padding_mask(2, 64).to(torch_device)
+        with patches.applied(consistent=True):
+            for family in ("llama", "phi3"):
+                for dtype_name, dtype in DTYPES.items():
+                    for attention in ("eager", "sdpa"):
+                        model = realistic_model(family, dtype, attention).to(torch_device)
+                        with self.subTest(family=family, dtype=dtype_name, attention=attention):
+                            mismatches = bitwise_mismatches(model, input_ids, 40, attention_mask=attention_mask)
+                            self.assertEqual(mismatches, [])
+
+    def test_greedy_generations_across_the_switch(self):
+        input_ids = random_tokens(30, batch_size=2, vocab_size=1000).to(torch_device)
+        attention_mask = left_padding_mask(2, 30).to(torch_device)
+        with patches.applied(consistent=True):
+            for family in ("llama", "phi3"):
+                for dtype_name, dtype in DTYPES.items():
+                    model = realistic_model(family, dtype, "sdpa").to(torch_device)
+                    with self.subTest(family=family, dtype=dtype_name):
+                        cached, uncached = greedy_with_and_without_cache(model, input_ids, 40, attention_mask)
+                        self.assertTrue(torch.equal(cached.sequences, uncached.sequences))
+                        for with_cache, without_cache in zip(cached.logits, uncached.logits):
+                            self.assertTrue(torch.equal(with_cache, without_cache))
 
 
 @unittest.skipUnless(CONSISTENT_DECODING_AVAILABLE, "consistent decoding needs transformers 4.48 or later")
