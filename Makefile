@@ -40,13 +40,10 @@ divergence: install
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) scripts/divergence_table.py $(DIVERGENCE_ARGS) --output-dir out/divergence
 
-# The upstream pull request: a diff from modeling_overrides/ against the installed release (or TRANSFORMERS_SRC, a
-# checkout), verified by applying it to a copy and running its checks and tests, and its description, under out/pr/.
-# The minimal pull request, the Phi-3 family only (its files, the shared RoPE update, the new module, its tests):
-# make diff SCOPE=phi3
-SCOPE ?= all
+# The upstream pull requests, as a series: out/pr/NN-<slug>.diff and .md, made against the installed release (or
+# TRANSFORMERS_SRC, a checkout of main), each verified at its place (its tests fail before it and pass with it).
 diff: install
-	$(PY) scripts/make_pr_diff.py --verify --scope $(SCOPE) $(if $(TRANSFORMERS_SRC),--transformers-src $(TRANSFORMERS_SRC))
+	$(PY) scripts/make_pr_diff.py --verify $(if $(TRANSFORMERS_SRC),--transformers-src $(TRANSFORMERS_SRC))
 
 # What the patches cost, measured side by side in one process: a table, JSON and a PNG under out/bench/. CPU by
 # default (a 34M-parameter Phi-3 switching at 512); on a GPU: make bench BENCH_ARGS="--device cuda"

@@ -3,7 +3,7 @@ What the patches cover, stated once: the eras of upstream's code, the releases t
 
 Everything that needs to know reads these tables: the run-time bindings (`patches/targets.py`), the version gate
 (`patches/versions.py`, and `patches/requirements.txt`, which pyproject reads and a test keeps equal to
-`supported_requirement()`), the pull request (`upstream_pr/`), the self-check and the tests. Adding a release is a
+`supported_requirement()`), the self-check and the tests. Adding a release is a
 row of `ERAS` (or a release in one) and a test run; adding a model is a row of `MODELS` and a test (see
 docs/contributing.md).
 
@@ -273,7 +273,6 @@ class Model:
         frequencies: whether each row is rotated by its own positions' factors (`PER_ROW`) or the batch by one set
             (`BATCH_WIDE_WITHOUT_POSITIONS`, read from the rotary `forward`'s parameters by `rotates_per_row`).
         consistent: `apply(consistent=True)` makes its attention batch-invariant.
-        pull_request_family: the family the minimal pull request (`make diff SCOPE=phi3`) keeps, or `None`.
         covered_from: the first release the patches cover it on (`None`: every release that has it), and why not
             before.
         self_check: the RoPE types `python -m patches check` decodes a tiny one with.
@@ -283,7 +282,6 @@ class Model:
     rotary: str = STANDARD_ROTARY
     frequencies: str = PER_ROW
     consistent: bool = False
-    pull_request_family: str | None = None
     covered_from: tuple[str, str] | None = None
     self_check: tuple[str, ...] = ()
 
@@ -294,7 +292,7 @@ _HYBRID_CACHE_BEFORE_4_57 = (
 )
 
 MODELS = {
-    "phi3": Model("Phi3", rotary=PHI3_ROTARY, consistent=True, pull_request_family="phi3", self_check=("longrope",)),
+    "phi3": Model("Phi3", rotary=PHI3_ROTARY, consistent=True, self_check=("longrope",)),
     "phimoe": Model(
         "Phimoe",
         rotary=PHIMOE_ROTARY,
@@ -302,7 +300,7 @@ MODELS = {
         consistent=True,
         self_check=("longrope",),
     ),
-    "phi4_multimodal": Model("Phi4Multimodal", consistent=True, pull_request_family="phi3", self_check=("longrope",)),
+    "phi4_multimodal": Model("Phi4Multimodal", consistent=True, self_check=("longrope",)),
     "llama": Model("Llama", consistent=True, self_check=("longrope", "dynamic")),
     "mistral": Model("Mistral", consistent=True, self_check=("longrope",)),
     "qwen2": Model("Qwen2", consistent=True, self_check=("longrope",)),
@@ -455,11 +453,3 @@ def rotates_per_row(rotary_forward_parameters: list[str]) -> bool:
     """Whether a rotary `forward` with these parameters rotates each row by its positions (`PER_ROW`), not the batch
     by one table for its first `seq_len` positions (PhiMoE before 5.0)."""
     return not ("seq_len" in rotary_forward_parameters and "position_ids" not in rotary_forward_parameters)
-
-
-def pull_request_models(scope: str) -> list[str]:
-    """The models of `MODELS` a pull request of `scope` changes: `"all"`, or a `pull_request_family` (`"phi3"`)."""
-    families = {model.pull_request_family for model in MODELS.values()} - {None}
-    if scope != "all" and scope not in families:
-        raise ValueError(f"unknown pull-request scope {scope!r}; expected 'all' or one of {sorted(families)}")
-    return [name for name, model in MODELS.items() if scope == "all" or model.pull_request_family == scope]

@@ -77,12 +77,6 @@ class ModelsTest(unittest.TestCase):
             self.assertIn("MiniCPM3Model.forward", patches.apply().patched)
             patches.revert()
 
-    def test_pull_request_scopes(self):
-        self.assertEqual(coverage.pull_request_models("phi3"), ["phi3", "phi4_multimodal"])
-        self.assertEqual(coverage.pull_request_models("all"), list(coverage.MODELS))
-        with self.assertRaisesRegex(ValueError, "expected 'all' or one of \\['phi3'\\]"):
-            coverage.pull_request_models("llama")
-
     def test_rotation_per_row_is_read_from_the_rotary_forward(self):
         self.assertTrue(coverage.rotates_per_row(["self", "x", "position_ids"]))
         self.assertFalse(coverage.rotates_per_row(["self", "x", "seq_len"]))

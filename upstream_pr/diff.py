@@ -1,11 +1,8 @@
-"""The pull-request diff: a pristine tree from the installed release, the planned edits, and the unified diff."""
+"""A pristine tree from the installed release, and the unified diff of planned file texts."""
 
 import difflib
 import shutil
 from pathlib import Path
-
-from .plan import FilePlan, make_plan, read_release
-from .pr_tests import merge_test_module, pr_test_modules
 
 
 def build_pristine_tree(destination: Path) -> Path:
@@ -22,39 +19,8 @@ def build_pristine_tree(destination: Path) -> Path:
     return destination
 
 
-def planned_texts(
-    tree: Path, plans: list[FilePlan] | None = None, scope: str = "all"
-) -> dict[str, tuple[str | None, str]]:
-    """
-    Every file the pull request of `scope` changes in `tree`: `{path: (text before or None for a new file, text
-    after)}`, sorted by path. The model code comes from `plans` (`make_plan(tree, scope)` when not given), the tests
-    from `pr_tests`, written for the tree's release.
-    """
-    texts = {}
-    for file_plan in plans if plans is not None else make_plan(tree, scope):
-        texts[file_plan.path] = _apply(tree, file_plan)
-    for relative, module_text in pr_test_modules(read_release(tree), scope).items():
-        path = tree / relative
-        before = path.read_text(encoding="utf-8") if path.is_file() else None
-        texts[relative] = (before, merge_test_module(before, module_text))
-    return dict(sorted(texts.items()))
-
-
-def _apply(tree: Path, file_plan: FilePlan) -> tuple[str | None, str]:
-    if file_plan.new_text is not None:
-        return None, file_plan.new_text
-    before = (tree / file_plan.path).read_text(encoding="utf-8")
-    after = before
-    for edit in file_plan.edits:
-        try:
-            after = edit.apply(after)
-        except LookupError as error:
-            raise LookupError(f"{file_plan.path}: {error}") from error
-    return before, after
-
-
 def unified_diff(texts: dict[str, tuple[str | None, str]]) -> str:
-    """A `git apply`-able unified diff of `texts` (see `planned_texts`), the same bytes for the same input."""
+    """A `git apply`-able unified diff of `texts` (`{path: (text before or None for a new file, text after)}`), the same bytes for the same input."""
     chunks = []
     for path, (before, after) in texts.items():
         if before == after:
@@ -70,7 +36,3 @@ def unified_diff(texts: dict[str, tuple[str | None, str]]) -> str:
             tofile=f"b/{path}",
         )
     return "".join(chunks)
-
-
-def changed_paths(texts: dict[str, tuple[str | None, str]]) -> list[str]:
-    return [path for path, (before, after) in texts.items() if before != after]

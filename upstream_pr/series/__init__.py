@@ -1,0 +1,185 @@
+"""
+The upstream pull requests, as a series in dependency order: pull request n applies on top of pull requests 1 to n-1.
+
+Each pull request is a row of `SERIES`: the members it replaces, adds or removes in transformers' files (their new
+code is read from `modeling_overrides/`, the upstream code as it stands once the pull request is merged), and the test
+module it adds. Every member it replaces or removes is pinned by the hash of its source on the tree the series was
+written against, so that a tree where upstream changed it is refused by name rather than patched blindly.
+"""
+
+import ast
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..source_edits import AddMethod, RemoveMethod, RemoveUnusedImport, ReplaceMethod, find_class, find_function
+
+
+OVERRIDES = Path(__file__).parents[2] / "modeling_overrides"
+TEST_MODULES = Path(__file__).parent / "tests"
+
+
+def member_source(text: str, class_name: str, name: str) -> str | None:
+    """The source of `class_name.name` in `text` (decorators included, at its indentation), or `None`."""
+    class_node = find_class(ast.parse(text), class_name)
+    member = find_function(class_node.body, name) if class_node is not None else None
+    if member is None:
+        return None
+    lines = text.splitlines(keepends=True)
+    start = min([member.lineno, *(decorator.lineno for decorator in member.decorator_list)]) - 1
+    return "".join(lines[start : member.end_lineno])
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()
+
+
+def override_source(relative_path: str, class_name: str, name: str) -> str:
+    """`class_name.name` of `modeling_overrides/<relative_path>`, dedented to column 0 as `ReplaceMethod` takes it."""
+    source = member_source((OVERRIDES / relative_path).read_text(encoding="utf-8"), class_name, name)
+    if source is None:
+        raise LookupError(f"modeling_overrides/{relative_path} defines no {class_name}.{name}")
+    return "".join(line[4:] if line.strip() else line for line in source.splitlines(keepends=True))
+
+
+@dataclass(frozen=True)
+class MemberEdit:
+    """
+    One edit of a class member in `path` (a file under `src/transformers/`): `edit` is a `source_edits` edit;
+    `expected_hash` is the hash of the member's source before it (`None` for a member the edit adds, which must not
+    exist yet).
+    """
+
+    path: str
+    edit: ReplaceMethod | AddMethod | RemoveMethod | RemoveUnusedImport
+    expected_hash: str | None = None
+
+    @property
+    def member(self) -> str:
+        return f"{self.edit.class_name}.{self.edit.method_name}" if hasattr(self.edit, "class_name") else ""
+
+
+@dataclass(frozen=True)
+class TestModule:
+    """
+    The tests a pull request adds: `module` (a file of `upstream_pr/series/tests/`), merged into `checkout_path` when
+    the tree has that file (a checkout of upstream), else written as `new_path`, a file upstream does not have.
+    """
+
+    module: str
+    checkout_path: str
+    new_path: str
+
+    @property
+    def text(self) -> str:
+        return (TEST_MODULES / self.module).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """
+    One pull request of the series. `regression_guards` are the tests (`Class::test_name` prefixes) that pass before
+    it: they guard what it removes or keeps. Every other test it adds fails before it (checked by `--verify`).
+    """
+
+    slug: str
+    title: str
+    edits: tuple[MemberEdit, ...]
+    tests: TestModule
+    regression_guards: tuple[str, ...]
+    description: str
+    """A file of `upstream_pr/series/descriptions/`: the pull request's text, in upstream's template."""
+
+
+def _generation_utils_edits() -> tuple[MemberEdit, ...]:
+    path = "src/transformers/generation/utils.py"
+
+    def source(name):
+        return override_source("generation/utils.py", "GenerationMixin", name)
+
+    return (
+        MemberEdit(
+            path,
+            ReplaceMethod("GenerationMixin", "prepare_inputs_for_generation", source("prepare_inputs_for_generation")),
+            "018a76f42a134e27245c17b3ac03d798a29b224522ae5a273e270e3389b7dc5c",
+        ),
+        MemberEdit(
+            path,
+            AddMethod(
+                "GenerationMixin",
+                "_longrope_switch_length",
+                source("_longrope_switch_length"),
+                after="_prepare_cache_for_generation",
+            ),
+        ),
+        MemberEdit(
+            path,
+            AddMethod(
+                "GenerationMixin",
+                "_cache_is_stale_at_longrope_switch",
+                source("_cache_is_stale_at_longrope_switch"),
+                after="_longrope_switch_length",
+            ),
+        ),
+        MemberEdit(
+            path,
+            ReplaceMethod("GenerationMixin", "_assisted_decoding", source("_assisted_decoding")),
+            "994ed7dec46c94434a282bd1c79f8955d9d54809d534ba5391a19066a97d832c",
+        ),
+    )
+
+
+PHI_CACHE_DROPS = (
+    ("phi3", "Phi3ForCausalLM", "35d9513333e953ff168c70854202073ee3974f673fd7ae1323b8c26d4f84da83"),
+    ("phimoe", "PhimoeForCausalLM", "0c05def4bbadf3d399ec0f7acd0765ab3bdd07d9ab8d62105f60214faaa4446a"),
+    (
+        "phi4_multimodal",
+        "Phi4MultimodalForCausalLM",
+        "00db00e593ff6e18374d3f028ad5df71a7e981b975a397d4a9667e6ed0efc18b",
+    ),
+)
+"""The models whose `prepare_inputs_for_generation` only drops the cache at the longrope switch: `(model, causal LM
+class, hash of that method in the modular file)`. The modeling file's copy is the modular file's as the converter
+writes it (Phi-3's calls `GenerationMixin` by name where its modular file says `super()`)."""
+
+PHI3_MODELING_HASH = "0c05def4bbadf3d399ec0f7acd0765ab3bdd07d9ab8d62105f60214faaa4446a"
+PHI4_MULTIMODAL_MODELING_HASH = "00db00e593ff6e18374d3f028ad5df71a7e981b975a397d4a9667e6ed0efc18b"
+
+
+def _cache_drop_removals() -> tuple[MemberEdit, ...]:
+    """The three per-model cache drops go, in the modular and the generated modeling file of each model."""
+    modeling_hashes = {"phi3": PHI3_MODELING_HASH, "phimoe": PHI3_MODELING_HASH}
+    edits = []
+    for model, class_name, modular_hash in PHI_CACHE_DROPS:
+        for kind, expected_hash in (
+            ("modular", modular_hash),
+            ("modeling", modeling_hashes.get(model, PHI4_MULTIMODAL_MODELING_HASH)),
+        ):
+            path = f"src/transformers/models/{model}/{kind}_{model}.py"
+            edits.append(MemberEdit(path, RemoveMethod(class_name, "prepare_inputs_for_generation"), expected_hash))
+            # What only the removed method used
+            edits += [MemberEdit(path, RemoveUnusedImport(name)) for name in ("GenerationMixin", "deprecate_kwarg")]
+    return tuple(edits)
+
+
+SERIES = (
+    PullRequest(
+        slug="generate-longrope-cache",
+        title="[generate] Recompute the KV cache in place when a longrope model crosses its switch length",
+        edits=(*_generation_utils_edits(), *_cache_drop_removals()),
+        tests=TestModule(
+            module="longrope_generation.py",
+            checkout_path="tests/generation/test_utils.py",
+            new_path="tests/generation/test_longrope_generation.py",
+        ),
+        regression_guards=(
+            "LongRopeGenerationTest::test_cache_before_the_switch_is_recomputed_with_the_long_factors_1_phi3",
+            "LongRopeGenerationTest::test_generate_across_the_switch_1_phi3_greedy",
+            "LongRopeGenerationTest::test_generate_across_the_switch_4_phi3_prompt_lookup",
+            "LongRopeGenerationTest::test_assisted_decoding_across_the_switch_1_phi3",
+            "LongRopeGenerationTest::test_beam_search_across_the_switch_1_phi3",
+        ),
+        description="01-generate-longrope-cache.md",
+    ),
+)
+"""The series, in the order the pull requests apply."""

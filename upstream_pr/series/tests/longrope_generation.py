@@ -1,0 +1,171 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+import unittest
+
+from parameterized import parameterized
+
+from transformers import is_torch_available
+from transformers.testing_utils import require_torch, torch_device
+
+
+if is_torch_available():
+    import torch
+
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
+
+
+class LongRopeGenerationTester:
+    """
+    Tiny longrope models that switch from their short to their long factors after `switch_length` tokens. Their large
+    random weights make a stale cache obvious (max |Δlogit| > 1), while fp32 rounding between cached and uncached
+    forward passes stays below 1e-5.
+    """
+
+    switch_length = 32
+    vocab_size = 97
+    head_dim = 8
+
+    def get_config(self, config_class):
+        return config_class(
+            vocab_size=self.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            max_position_embeddings=4 * self.switch_length,
+            original_max_position_embeddings=self.switch_length,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": self.switch_length,
+                "short_factor": [1.0 + 0.25 * i for i in range(self.head_dim // 2)],
+                "long_factor": [4.0 + 2.0 * i for i in range(self.head_dim // 2)],
+            },
+        )
+
+    def get_model(self, model_class):
+        config_class = Phi3Config if model_class is Phi3ForCausalLM else LlamaConfig
+        torch.manual_seed(0)
+        return model_class(self.get_config(config_class)).to(torch_device).eval()
+
+    def get_input_ids(self, length):
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(3, self.vocab_size, (1, length), generator=generator).to(torch_device)
+
+
+@require_torch
+class LongRopeGenerationTest(unittest.TestCase):
+    """`generate()` across the longrope switch gives the logits of the forward pass without cache over the same tokens."""
+
+    tolerance = 1e-4
+
+    def setUp(self):
+        self.model_tester = LongRopeGenerationTester()
+
+    @torch.no_grad()
+    def no_cache_logits(self, model, input_ids):
+        return model(input_ids, use_cache=False).logits[:, -1]
+
+    def assert_logits_match_no_cache(self, model, outputs, prompt_length):
+        for step, logits in enumerate(outputs.logits):
+            reference = self.no_cache_logits(model, outputs.sequences[:, : prompt_length + step])
+            torch.testing.assert_close(logits, reference, rtol=0, atol=self.tolerance)
+
+    @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
+    @torch.no_grad()
+    def test_cache_before_the_switch_is_recomputed_with_the_long_factors(self, _, model_class):
+        model = self.model_tester.get_model(model_class)
+        switch_length = self.model_tester.switch_length
+        input_ids = self.model_tester.get_input_ids(switch_length - 4)
+        short_factor_cache = model(input_ids).cache
+        outputs = model.generate(input_ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+
+        # The cache covers all but the last token; a prefill of those tokens uses the long factors throughout
+        long_factor_cache = model(outputs.sequences[:, :-1]).cache
+        for layer_idx in range(model.config.num_hidden_layers):
+            cached_keys = outputs.cache.layers[layer_idx].keys[:, :, : input_ids.shape[1]]
+            self.assertFalse(torch.allclose(cached_keys, short_factor_cache.layers[layer_idx].keys, atol=1e-3))
+            torch.testing.assert_close(
+                cached_keys, long_factor_cache.layers[layer_idx].keys[:, :, : input_ids.shape[1]]
+            )
+
+    @parameterized.expand(
+        [
+            ("llama_greedy", LlamaForCausalLM, {}),
+            ("phi3_greedy", Phi3ForCausalLM, {}),
+            ("llama_sample", LlamaForCausalLM, {"do_sample": True, "top_k": 0}),
+            ("llama_prompt_lookup", LlamaForCausalLM, {"prompt_lookup_num_tokens": 3}),
+            ("phi3_prompt_lookup", Phi3ForCausalLM, {"prompt_lookup_num_tokens": 3}),
+        ]
+    )
+    def test_generate_across_the_switch(self, _, model_class, generate_kwargs):
+        model = self.model_tester.get_model(model_class)
+        # A prompt that repeats itself gives prompt lookup candidates to verify across the switch
+        input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length // 2 - 2).repeat(1, 2)
+        torch.manual_seed(0)
+        outputs = model.generate(
+            input_ids,
+            max_new_tokens=10,
+            do_sample=generate_kwargs.pop("do_sample", False),
+            return_dict_in_generate=True,
+            output_logits=True,
+            **generate_kwargs,
+        )
+        self.assert_logits_match_no_cache(model, outputs, input_ids.shape[1])
+
+    @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
+    def test_assisted_decoding_across_the_switch(self, _, model_class):
+        model = self.model_tester.get_model(model_class)
+        assistant_model = self.model_tester.get_model(model_class)
+        assistant_model.generation_config.num_assistant_tokens = 5
+        input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length - 3)
+        outputs = model.generate(
+            input_ids,
+            assistant_model=assistant_model,
+            max_new_tokens=10,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        self.assert_logits_match_no_cache(model, outputs, input_ids.shape[1])
+
+    @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
+    def test_static_cache_is_kept_and_recomputed(self, _, model_class):
+        model = self.model_tester.get_model(model_class)
+        input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length - 3)
+        cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + 8)
+        outputs = model.generate(
+            input_ids,
+            cache=cache,
+            max_new_tokens=8,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        self.assertIs(outputs.cache, cache)
+        self.assert_logits_match_no_cache(model, outputs, input_ids.shape[1])
+
+    @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
+    def test_beam_search_across_the_switch(self, _, model_class):
+        model = self.model_tester.get_model(model_class)
+        input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length - 3)
+        generate_kwargs = {"max_new_tokens": 8, "num_beams": 3, "do_sample": False}
+        with_cache = model.generate(input_ids, **generate_kwargs)
+        without_cache = model.generate(input_ids, use_cache=False, **generate_kwargs)
+        torch.testing.assert_close(with_cache, without_cache)
