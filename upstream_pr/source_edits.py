@@ -7,7 +7,6 @@ import ast
 from dataclasses import dataclass
 
 
-
 def _lines(text: str) -> list[str]:
     return text.splitlines(keepends=True)
 
