@@ -13,6 +13,7 @@
 # limitations under the License.
 """RoPE frequency updates for rotary embeddings whose frequencies depend on the sequence length."""
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,7 +24,10 @@ from typing import ClassVar
 import torch
 
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.utils import is_torchdynamo_compiling
+from transformers.utils import is_torchdynamo_compiling, logging
+
+
+logger = logging.get_logger(__name__)
 
 
 def get_rope_type(config) -> str:
@@ -287,5 +291,83 @@ def dynamic_rope_update(rope_forward):
         if rope_type == "longrope" and position_ids.shape[0] > 1:
             return longrope_forward_per_row(self, rope_forward, x, position_ids, **kwargs)
         return rope_forward(self, x, position_ids, **kwargs)
+
+    return wrapper
+
+
+def longrope_switch_length(config) -> int | None:
+    """
+    The sequence length up to which a longrope model rotates with its short factors
+    (`original_max_position_embeddings`), or `None` when its RoPE does not switch factors.
+    """
+    rope_parameters = getattr(config.get_text_config(), "rope_parameters", None) or {}
+    # One set of parameters, or one per layer type
+    parameter_sets = [rope_parameters] if "rope_type" in rope_parameters else list(rope_parameters.values())
+    switch_lengths = [
+        parameters["original_max_position_embeddings"]
+        for parameters in parameter_sets
+        if isinstance(parameters, dict) and parameters.get("rope_type") == "longrope"
+    ]
+    return min(switch_lengths, default=None)
+
+
+def recompute_cache_at_longrope_switch(model_forward):
+    """
+    Decorator for the `forward` of a decoder whose RoPE may be longrope, for decoding loops that call the model
+    directly. The cache keeps the first `original_max_position_embeddings` ids fed through it. When a forward pass
+    needs other factors than the keys in the cache were rotated with (the sequence crosses that length, or is cropped
+    back to it or below), the cache is emptied in place, those ids are fed again with the new ones, and the outputs of
+    the new tokens are returned.
+    """
+    signature = inspect.signature(model_forward)
+
+    @wraps(model_forward)
+    def wrapper(self, *args, **kwargs):
+        switch_length = longrope_switch_length(self.config)
+        inputs = signature.bind(self, *args, **kwargs)
+        cache, input_ids = inputs.arguments.get("cache"), inputs.arguments.get("input_ids")
+        # A compiled forward pass cannot branch on the cache length: `generate()` recomputes before it instead
+        if switch_length is None or cache is None or is_torchdynamo_compiling():
+            return model_forward(self, *args, **kwargs)
+
+        # An int: a static cache's length is a tensor it updates in place
+        past_length = int(cache.get_seq_length())
+        new_tokens = input_ids.shape[1] if input_ids is not None else inputs.arguments["inputs_embeds"].shape[1]
+        uses_long_factors = past_length + new_tokens > switch_length
+        recorded_ids = getattr(cache, "_longrope_input_ids", None)
+        if recorded_ids is not None and recorded_ids.shape[1] < min(past_length, switch_length):
+            recorded_ids = None
+        is_stale = past_length > 0 and getattr(cache, "_longrope_long_factors", False) != uses_long_factors
+        attention_mask = inputs.arguments.get("attention_mask")
+        if is_stale and (
+            input_ids is None or recorded_ids is None or (attention_mask is not None and attention_mask.ndim != 2)
+        ):
+            logger.warning_once(
+                "The sequence crossed `original_max_position_embeddings`, where longrope switches factors, but the "
+                "cache cannot be recomputed: it was not filled from `input_ids` through this model, or the attention "
+                "mask is not 2D. The keys it holds keep the factors they were rotated with."
+            )
+            is_stale = False
+
+        if is_stale:
+            cache.reset()
+            inputs.arguments["input_ids"] = torch.cat([recorded_ids[:, :past_length], input_ids], dim=-1)
+            position_ids = None
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            inputs.arguments["position_ids"] = position_ids
+        if past_length <= switch_length:
+            # The ids of the sequence up to the switch length: what a change of factors feeds again
+            if input_ids is None or (past_length > 0 and recorded_ids is None):
+                cache._longrope_input_ids = None
+            else:
+                prefix = [recorded_ids[:, :past_length]] if past_length > 0 else []
+                cache._longrope_input_ids = torch.cat([*prefix, input_ids], dim=-1)[:, :switch_length]
+        cache._longrope_long_factors = uses_long_factors
+
+        outputs = model_forward(*inputs.args, **inputs.kwargs)
+        if is_stale:
+            outputs.last_hidden_state = outputs.last_hidden_state[:, -new_tokens:]
+        return outputs
 
     return wrapper

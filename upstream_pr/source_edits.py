@@ -150,3 +150,54 @@ class RemoveUnusedImport:
             names = ", ".join(ast.unparse(alias) for alias in kept)
             replacement = [f"from {'.' * statement.level}{statement.module or ''} import {names}\n"]
         return "".join([*lines[: statement.lineno - 1], *replacement, *lines[statement.end_lineno :]])
+
+
+@dataclass(frozen=True)
+class AddFunction:
+    """Adds `source` (a module-level function written at column 0) after the module-level function `after`."""
+
+    name: str
+    source: str
+    after: str
+
+    @property
+    def method_name(self) -> str:
+        return self.name
+
+    def apply(self, text: str) -> str:
+        module = ast.parse(text)
+        if find_function(module.body, self.name) is not None:
+            raise LookupError(f"function {self.name} is already defined here")
+        following = find_function(module.body, self.after)
+        if following is None:
+            raise LookupError(f"function {self.after} is not defined here")
+        lines = _lines(text)
+        end = following.end_lineno
+        return "".join([*lines[:end], "\n", "\n", *_indented(self.source, ""), *lines[end:]])
+
+
+@dataclass(frozen=True)
+class AddDecorator:
+    """Puts `@decorator` on `class_name.method_name`, innermost (just above its `def`)."""
+
+    class_name: str
+    method_name: str
+    decorator: str
+
+    def apply(self, text: str) -> str:
+        method, lines, _, _, indent = _located_method(text, self.class_name, self.method_name)
+        start = method.lineno - 1
+        return "".join([*lines[:start], f"{indent}@{self.decorator}\n", *lines[start:]])
+
+
+@dataclass(frozen=True)
+class ReplaceLines:
+    """Replaces `old` (whole lines, which must occur exactly once) by `new`: an import, or a class put before another."""
+
+    old: str
+    new: str
+
+    def apply(self, text: str) -> str:
+        if ("\n" + text).count("\n" + self.old) != 1 or not self.old.endswith("\n"):
+            raise LookupError(f"{self.old!r} is not one whole line or block of lines here")
+        return ("\n" + text).replace("\n" + self.old, "\n" + self.new)[1:]

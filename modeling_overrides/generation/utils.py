@@ -48,6 +48,8 @@ from transformers.generation.utils import (
 )
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ..modeling_rope_utils import longrope_switch_length
+
 
 if TYPE_CHECKING:
     from transformers._typing import GenerativePreTrainedModel
@@ -57,21 +59,6 @@ if TYPE_CHECKING:
 
 
 class GenerationMixin:
-    def _longrope_switch_length(self) -> int | None:
-        """
-        The sequence length up to which the model's longrope RoPE rotates with its short factors
-        (`original_max_position_embeddings`), or `None` when its RoPE does not switch factors.
-        """
-        rope_parameters = getattr(self.config.get_text_config(), "rope_parameters", None) or {}
-        # One set of parameters, or one per layer type
-        parameter_sets = [rope_parameters] if "rope_type" in rope_parameters else list(rope_parameters.values())
-        switch_lengths = [
-            parameters["original_max_position_embeddings"]
-            for parameters in parameter_sets
-            if isinstance(parameters, dict) and parameters.get("rope_type") == "longrope"
-        ]
-        return min(switch_lengths, default=None)
-
     def _cache_is_stale_at_longrope_switch(
         self, cache: Cache, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor | None = None
     ) -> bool:
@@ -79,7 +66,7 @@ class GenerationMixin:
         Whether the keys in `cache` were rotated with the short longrope factors while the coming forward pass, over
         all of `input_ids`, is longer than `original_max_position_embeddings` and so rotates with the long ones.
         """
-        switch_length = self._longrope_switch_length()
+        switch_length = longrope_switch_length(self.config)
         if switch_length is None or input_ids.shape[1] <= switch_length:
             return False
         if not 0 < cache.get_seq_length() <= switch_length:
@@ -374,7 +361,7 @@ class GenerationMixin:
             # A longrope model rotates a forward pass with the factors of its whole length: candidates that cross
             # `original_max_position_embeddings` would be verified with the long factors where the shorter sequences
             # need the short ones, so they stop at that length
-            if (switch_length := self._longrope_switch_length()) is not None and cur_len <= switch_length:
+            if (switch_length := longrope_switch_length(self.config)) is not None and cur_len <= switch_length:
                 candidate_input_ids = candidate_input_ids[:, :switch_length]
                 if candidate_logits is not None:
                     candidate_logits = candidate_logits[:, : switch_length - cur_len]

@@ -12,7 +12,17 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..source_edits import AddMethod, RemoveMethod, RemoveUnusedImport, ReplaceMethod, find_class, find_function
+from ..source_edits import (
+    AddDecorator,
+    AddFunction,
+    AddMethod,
+    RemoveMethod,
+    RemoveUnusedImport,
+    ReplaceLines,
+    ReplaceMethod,
+    find_class,
+    find_function,
+)
 
 
 OVERRIDES = Path(__file__).parents[2] / "modeling_overrides"
@@ -51,7 +61,7 @@ class MemberEdit:
     """
 
     path: str
-    edit: ReplaceMethod | AddMethod | RemoveMethod | RemoveUnusedImport
+    edit: ReplaceMethod | AddMethod | AddFunction | AddDecorator | RemoveMethod | RemoveUnusedImport | ReplaceLines
     expected_hash: str | None = None
 
     @property
@@ -91,6 +101,18 @@ class PullRequest:
     """A file of `upstream_pr/series/descriptions/`: the pull request's text, in upstream's template."""
 
 
+def override_function(relative_path: str, name: str) -> str:
+    """The module-level function `name` of `modeling_overrides/<relative_path>`."""
+    text = (OVERRIDES / relative_path).read_text(encoding="utf-8")
+    function = find_function(ast.parse(text).body, name)
+    if function is None:
+        raise LookupError(f"modeling_overrides/{relative_path} defines no function {name}")
+    return "".join(text.splitlines(keepends=True)[function.lineno - 1 : function.end_lineno])
+
+
+ROPE_UTILS = "src/transformers/modeling_rope_utils.py"
+
+
 def _generation_utils_edits() -> tuple[MemberEdit, ...]:
     path = "src/transformers/generation/utils.py"
 
@@ -99,17 +121,24 @@ def _generation_utils_edits() -> tuple[MemberEdit, ...]:
 
     return (
         MemberEdit(
+            ROPE_UTILS,
+            AddFunction(
+                "longrope_switch_length",
+                override_function("modeling_rope_utils.py", "longrope_switch_length"),
+                after="dynamic_rope_update",
+            ),
+        ),
+        MemberEdit(
             path,
             ReplaceMethod("GenerationMixin", "prepare_inputs_for_generation", source("prepare_inputs_for_generation")),
             "018a76f42a134e27245c17b3ac03d798a29b224522ae5a273e270e3389b7dc5c",
         ),
         MemberEdit(
             path,
-            AddMethod(
-                "GenerationMixin",
-                "_longrope_switch_length",
-                source("_longrope_switch_length"),
-                after="_prepare_cache_for_generation",
+            ReplaceLines(
+                "from ..masking_utils import create_masks_for_generate\n",
+                "from ..masking_utils import create_masks_for_generate\n"
+                "from ..modeling_rope_utils import longrope_switch_length\n",
             ),
         ),
         MemberEdit(
@@ -118,7 +147,7 @@ def _generation_utils_edits() -> tuple[MemberEdit, ...]:
                 "GenerationMixin",
                 "_cache_is_stale_at_longrope_switch",
                 source("_cache_is_stale_at_longrope_switch"),
-                after="_longrope_switch_length",
+                after="_prepare_cache_for_generation",
             ),
         ),
         MemberEdit(
@@ -162,6 +191,83 @@ def _cache_drop_removals() -> tuple[MemberEdit, ...]:
     return tuple(edits)
 
 
+PHI3_MODEL_FORWARD_HASH = "8a465d4b9213bf33c8e6a8539dca46b9a4f1221879d996d91132e972b37df411"
+PHI3_MODULAR = "src/transformers/models/phi3/modular_phi3.py"
+PHI3_MODELING = "src/transformers/models/phi3/modeling_phi3.py"
+PHI3_MODULAR_MODEL = """class Phi3Model(MistralModel):
+    @merge_with_config_defaults
+    @capture_outputs
+    @auto_docstring
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @recompute_cache_at_longrope_switch
+    def forward(self, **super_kwargs):
+        return super().forward(**super_kwargs)
+
+
+"""
+
+
+def _decoding_loop_edits() -> tuple[MemberEdit, ...]:
+    """The decorator in the RoPE utilities, on Phi-3's decoder (its modular file defines the decoder for it)."""
+
+    def add_line_after(path, line, added):
+        return MemberEdit(path, ReplaceLines(line, line + added))
+
+    return (
+        MemberEdit(ROPE_UTILS, ReplaceLines("import math\n", "import inspect\nimport math\n")),
+        MemberEdit(
+            ROPE_UTILS,
+            ReplaceLines(
+                "from .utils import is_torch_available, logging\n",
+                "from .utils import is_torch_available, is_torchdynamo_compiling, logging\n",
+            ),
+        ),
+        MemberEdit(
+            ROPE_UTILS,
+            AddFunction(
+                "recompute_cache_at_longrope_switch",
+                override_function("modeling_rope_utils.py", "recompute_cache_at_longrope_switch"),
+                after="longrope_switch_length",
+            ),
+        ),
+        MemberEdit(
+            PHI3_MODELING,
+            ReplaceLines(
+                "from ...modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update\n",
+                "from ...modeling_rope_utils import (\n    ROPE_INIT_FUNCTIONS,\n    dynamic_rope_update,\n"
+                "    recompute_cache_at_longrope_switch,\n)\n",
+            ),
+        ),
+        MemberEdit(
+            PHI3_MODELING,
+            AddDecorator("Phi3Model", "forward", "recompute_cache_at_longrope_switch"),
+            PHI3_MODEL_FORWARD_HASH,
+        ),
+        add_line_after(
+            PHI3_MODULAR,
+            "from ...modeling_flash_attention_utils import FlashAttentionKwargs\n",
+            "from ...modeling_rope_utils import recompute_cache_at_longrope_switch\n",
+        ),
+        MemberEdit(
+            PHI3_MODULAR,
+            ReplaceLines("from ...utils import logging\n", "from ...utils import auto_docstring, logging\n"),
+        ),
+        add_line_after(
+            PHI3_MODULAR,
+            "from ...utils.deprecation import deprecate_kwarg\n",
+            "from ...utils.generic import merge_with_config_defaults\nfrom ...utils.output_capturing import capture_outputs\n",
+        ),
+        add_line_after(PHI3_MODULAR, "    MistralForTokenClassification,\n", "    MistralModel,\n"),
+        MemberEdit(
+            PHI3_MODULAR,
+            ReplaceLines(
+                "class Phi3ForCausalLM(MistralForCausalLM):\n",
+                PHI3_MODULAR_MODEL + "class Phi3ForCausalLM(MistralForCausalLM):\n",
+            ),
+        ),
+    )
+
+
 SERIES = (
     PullRequest(
         slug="generate-longrope-cache",
@@ -180,6 +286,18 @@ SERIES = (
             "LongRopeGenerationTest::test_beam_search_across_the_switch_1_phi3",
         ),
         description="01-generate-longrope-cache.md",
+    ),
+    PullRequest(
+        slug="decoding-loop-longrope-cache",
+        title="[Phi-3] Recompute the KV cache in place when a decoding loop crosses the longrope switch",
+        edits=_decoding_loop_edits(),
+        tests=TestModule(
+            module="longrope_decoding_loop.py",
+            checkout_path="tests/models/phi3/test_modeling_phi3.py",
+            new_path="tests/models/phi3/test_modeling_phi3_longrope_cache.py",
+        ),
+        regression_guards=(),
+        description="02-decoding-loop-longrope-cache.md",
     ),
 )
 """The series, in the order the pull requests apply."""

@@ -13,7 +13,10 @@ from .verify import PullRequestReport, write_texts
 
 
 DESCRIPTIONS = Path(__file__).parent / "descriptions"
-MEASUREMENTS = {"01-generate-longrope-cache.md": Path(__file__).parent / "measure_generation.py"}
+MEASUREMENTS = {
+    "01-generate-longrope-cache.md": Path(__file__).parent / "measure_generation.py",
+    "02-decoding-loop-longrope-cache.md": Path(__file__).parent / "measure_decoding_loop.py",
+}
 """The script each description's figures come from, run in the trees before and after the pull request."""
 
 
@@ -37,7 +40,7 @@ def measure(tree: Path, files: PullRequestFiles, with_tests: bool = False) -> di
 
 
 def figures_table(before: dict[str, str], after: dict[str, str]) -> str:
-    lines = ["| model, strategy | before | after |", "|---|---|---|"]
+    lines = ["| model, path | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {before[name]} | {after[name]} |" for name in before]
     return "\n".join(lines)
 
