@@ -323,51 +323,65 @@ def recompute_cache_at_longrope_switch(model_forward):
 
     @wraps(model_forward)
     def wrapper(self, *args, **kwargs):
-        switch_length = longrope_switch_length(self.config)
-        inputs = signature.bind(self, *args, **kwargs)
-        cache, input_ids = inputs.arguments.get("cache"), inputs.arguments.get("input_ids")
         # A compiled forward pass cannot branch on the cache length: `generate()` recomputes before it instead
-        if switch_length is None or cache is None or is_torchdynamo_compiling():
+        if is_torchdynamo_compiling() or (switch_length := longrope_switch_length(self.config)) is None:
             return model_forward(self, *args, **kwargs)
+        # By name: the decorators below read some arguments by name
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments = {
+            **{name: value for name, value in arguments.items() if name != "kwargs"},
+            **arguments.get("kwargs", {}),
+        }
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        input_ids, attention_mask = arguments.get("input_ids"), arguments.get("attention_mask")
+        batch_size, new_tokens = (input_ids if input_ids is not None else arguments["inputs_embeds"]).shape[:2]
 
         # An int: a static cache's length is a tensor it updates in place
-        past_length = int(cache.get_seq_length())
-        new_tokens = input_ids.shape[1] if input_ids is not None else inputs.arguments["inputs_embeds"].shape[1]
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
         uses_long_factors = past_length + new_tokens > switch_length
-        recorded_ids = getattr(cache, "_longrope_input_ids", None)
-        if recorded_ids is not None and recorded_ids.shape[1] < min(past_length, switch_length):
+        recorded_ids = cache._longrope_input_ids if past_length > 0 else None
+        if recorded_ids is not None and (
+            recorded_ids.shape[1] < min(past_length, switch_length) or recorded_ids.shape[0] != batch_size
+        ):
             recorded_ids = None
-        is_stale = past_length > 0 and getattr(cache, "_longrope_long_factors", False) != uses_long_factors
-        attention_mask = inputs.arguments.get("attention_mask")
+        is_stale = past_length > 0 and cache._longrope_long_factors != uses_long_factors
         if is_stale and (
             input_ids is None or recorded_ids is None or (attention_mask is not None and attention_mask.ndim != 2)
         ):
+            reason = "the cache was not filled from `input_ids` through this model"
+            if input_ids is not None and recorded_ids is not None:
+                reason = "the attention mask is 4D"
             logger.warning_once(
-                "The sequence crossed `original_max_position_embeddings`, where longrope switches factors, but the "
-                "cache cannot be recomputed: it was not filled from `input_ids` through this model, or the attention "
-                "mask is not 2D. The keys it holds keep the factors they were rotated with."
+                f"The sequence crossed `original_max_position_embeddings`, where longrope switches factors, but the "
+                f"cache cannot be recomputed ({reason}): the keys it holds keep the factors they were rotated with."
             )
             is_stale = False
-
         if is_stale:
             cache.reset()
-            inputs.arguments["input_ids"] = torch.cat([recorded_ids[:, :past_length], input_ids], dim=-1)
+            arguments["input_ids"] = torch.cat([recorded_ids[:, :past_length], input_ids], dim=-1)
             position_ids = None
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            inputs.arguments["position_ids"] = position_ids
-        if past_length <= switch_length:
+            arguments["position_ids"] = position_ids
+
+        outputs = model_forward(**arguments)
+        cache = getattr(outputs, "cache", None) if cache is None else cache
+        if cache is not None and past_length <= switch_length:
             # The ids of the sequence up to the switch length: what a change of factors feeds again
             if input_ids is None or (past_length > 0 and recorded_ids is None):
                 cache._longrope_input_ids = None
             else:
                 prefix = [recorded_ids[:, :past_length]] if past_length > 0 else []
                 cache._longrope_input_ids = torch.cat([*prefix, input_ids], dim=-1)[:, :switch_length]
-        cache._longrope_long_factors = uses_long_factors
-
-        outputs = model_forward(*inputs.args, **inputs.kwargs)
+        if cache is not None:
+            cache._longrope_long_factors = uses_long_factors
         if is_stale:
+            # The outputs of the new tokens only, as the caller would get them from the cache it had
             outputs.last_hidden_state = outputs.last_hidden_state[:, -new_tokens:]
+            if outputs.get("hidden_states") is not None:
+                outputs.hidden_states = tuple(hidden[:, -new_tokens:] for hidden in outputs.hidden_states)
+            if outputs.get("attentions") is not None:
+                outputs.attentions = tuple(weights[..., -new_tokens:, :] for weights in outputs.attentions)
         return outputs
 
     return wrapper

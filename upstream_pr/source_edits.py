@@ -178,15 +178,14 @@ class AddFunction:
 
 @dataclass(frozen=True)
 class AddDecorator:
-    """Puts `@decorator` on `class_name.method_name`, innermost (just above its `def`)."""
+    """Puts `@decorator` on `class_name.method_name`, outermost (above its other decorators)."""
 
     class_name: str
     method_name: str
     decorator: str
 
     def apply(self, text: str) -> str:
-        method, lines, _, _, indent = _located_method(text, self.class_name, self.method_name)
-        start = method.lineno - 1
+        _, lines, start, _, indent = _located_method(text, self.class_name, self.method_name)
         return "".join([*lines[:start], f"{indent}@{self.decorator}\n", *lines[start:]])
 
 

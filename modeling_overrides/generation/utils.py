@@ -60,16 +60,33 @@ if TYPE_CHECKING:
 
 class GenerationMixin:
     def _cache_is_stale_at_longrope_switch(
-        self, cache: Cache, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor | None = None
+        self,
+        cache: Cache,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> bool:
         """
         Whether the keys in `cache` were rotated with the short longrope factors while the coming forward pass, over
-        all of `input_ids`, is longer than `original_max_position_embeddings` and so rotates with the long ones.
+        the whole sequence, rotates with the long ones. The rotary embedding picks the factors from the sequence length
+        `max(position_ids) + 1`; without padding (no attention mask), that is the number of tokens.
         """
         switch_length = longrope_switch_length(self.config)
-        if switch_length is None or input_ids.shape[1] <= switch_length:
+        # With `inputs_embeds`, `input_ids` holds the generated tokens only
+        sequence_length = input_ids.shape[1] + (inputs_embeds.shape[1] if inputs_embeds is not None else 0)
+        if switch_length is None or sequence_length <= switch_length:
             return False
-        if not 0 < cache.get_seq_length() <= switch_length:
+        past_length = int(cache.get_seq_length())
+        if not 0 < past_length < sequence_length:
+            return False
+        cached_length, new_length = past_length, sequence_length
+        if attention_mask is not None and position_ids is not None:
+            # Left padding: the length of the longest row, read from the device on the steps past the padded switch
+            cached_length, new_length = (
+                position_ids[..., [past_length - 1, -1]].reshape(-1, 2).amax(dim=0) + 1
+            ).tolist()
+        if not cached_length <= switch_length < new_length:
             return False
         if inputs_embeds is not None:
             logger.warning_once(
@@ -105,7 +122,9 @@ class GenerationMixin:
         # 0. A longrope model rotates with its short factors up to `original_max_position_embeddings` tokens and with
         # its long factors beyond, so the keys cached before the sequence crosses that length are stale after it: the
         # cache is emptied in place (the caller's object and buffers are kept) and the whole sequence is fed again
-        if cache is not None and self._cache_is_stale_at_longrope_switch(cache, input_ids, inputs_embeds):
+        if cache is not None and self._cache_is_stale_at_longrope_switch(
+            cache, input_ids, kwargs.get("position_ids"), attention_mask, inputs_embeds
+        ):
             cache.reset()
             next_sequence_length = None
             is_first_iteration = True
@@ -364,7 +383,9 @@ class GenerationMixin:
             if (switch_length := longrope_switch_length(self.config)) is not None and cur_len <= switch_length:
                 candidate_input_ids = candidate_input_ids[:, :switch_length]
                 if candidate_logits is not None:
-                    candidate_logits = candidate_logits[:, : switch_length - cur_len]
+                    candidate_logits = (
+                        candidate_logits[:, : switch_length - cur_len] if switch_length > cur_len else None
+                    )
 
             candidate_length = candidate_input_ids.shape[1] - input_ids.shape[1]
 

@@ -88,6 +88,28 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
         self.assert_decodes_like_no_cache(model, cache, input_ids, prompt_length, chunk_size)
 
     @torch.no_grad()
+    def test_cache_created_by_the_model(self):
+        model = self.get_model()
+        input_ids = self.get_input_ids(self.switch_length + 4)
+        outputs = model(input_ids[:, : self.switch_length - 2], output_hidden_states=True)
+        for position in range(self.switch_length - 2, input_ids.shape[1]):
+            outputs = model(input_ids[:, position : position + 1], cache=outputs.cache, output_hidden_states=True)
+            reference = model(input_ids[:, : position + 1], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(outputs.logits[:, -1], reference, rtol=0, atol=self.tolerance)
+            self.assertEqual({hidden.shape[1] for hidden in outputs.hidden_states}, {1})
+
+    @torch.no_grad()
+    def test_batch_reordered_and_selected_before_the_switch(self):
+        model = self.get_model()
+        input_ids = self.get_input_ids(self.switch_length + 4)
+        input_ids = torch.cat([input_ids, input_ids.flip(-1)])
+        cache = DynamicCache(config=model.config)
+        model(input_ids[:, : self.switch_length - 2], cache=cache)
+        cache.reorder_cache(torch.tensor([1, 0], device=torch_device))
+        cache.batch_select_indices(torch.tensor([0], device=torch_device))
+        self.assert_decodes_like_no_cache(model, cache, input_ids[1:], self.switch_length - 2)
+
+    @torch.no_grad()
     def test_cache_cropped_back_below_the_switch(self):
         model = self.get_model()
         input_ids = self.get_input_ids(self.switch_length + 8)
@@ -105,4 +127,4 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
         logger = logging.get_logger("transformers.modeling_rope_utils")
         with CaptureLogger(logger) as captured:
             model(input_ids[:, -1:], cache=cache)
-        self.assertIn("cannot be recomputed", captured.out)
+        self.assertIn("was not filled from `input_ids`", captured.out)

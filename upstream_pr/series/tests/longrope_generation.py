@@ -26,11 +26,7 @@ if is_torch_available():
 
 
 class LongRopeGenerationTester:
-    """
-    Tiny longrope models that switch from their short to their long factors after `switch_length` tokens. Their large
-    random weights make a stale cache obvious (max |Δlogit| > 1), while fp32 rounding between cached and uncached
-    forward passes stays below 1e-5.
-    """
+    """Tiny longrope models switching factors after `switch_length` tokens: a stale cache is off by > 1, rounding < 1e-5."""
 
     switch_length = 32
     vocab_size = 97
@@ -110,56 +106,60 @@ class LongRopeGenerationTest(unittest.TestCase):
             ("llama_greedy", LlamaForCausalLM, {}),
             ("phi3_greedy", Phi3ForCausalLM, {}),
             ("llama_sample", LlamaForCausalLM, {"do_sample": True, "top_k": 0}),
+            ("phi3_sample", Phi3ForCausalLM, {"do_sample": True, "top_k": 0}),
             ("llama_prompt_lookup", LlamaForCausalLM, {"prompt_lookup_num_tokens": 3}),
             ("phi3_prompt_lookup", Phi3ForCausalLM, {"prompt_lookup_num_tokens": 3}),
+            ("llama_assisted", LlamaForCausalLM, {"assistant": True}),
+            ("phi3_assisted", Phi3ForCausalLM, {"assistant": True}),
+            # From the switch length itself, where no candidate is left to verify before the switch
+            (
+                "phi3_assisted_sample_at_switch",
+                Phi3ForCausalLM,
+                {"assistant": True, "do_sample": True, "prompt_length": LongRopeGenerationTester.switch_length},
+            ),
+            ("llama_static_cache", LlamaForCausalLM, {"static": True}),
+            ("phi3_static_cache", Phi3ForCausalLM, {"static": True}),
         ]
     )
     def test_generate_across_the_switch(self, _, model_class, generate_kwargs):
         model = self.model_tester.get_model(model_class)
-        # A prompt that repeats itself gives prompt lookup candidates to verify across the switch
+        generate_kwargs = {"do_sample": False, **generate_kwargs}
+        if generate_kwargs.pop("assistant", False):
+            generate_kwargs["assistant_model"] = self.model_tester.get_model(model_class)
+        # A prompt that repeats itself gives prompt lookup and the assistant candidates to verify across the switch
         input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length // 2 - 2).repeat(1, 2)
+        if "prompt_length" in generate_kwargs:
+            input_ids = self.model_tester.get_input_ids(generate_kwargs.pop("prompt_length"))
+        cache = StaticCache(config=model.config, max_cache_len=48) if generate_kwargs.pop("static", False) else None
+        if cache is not None:
+            generate_kwargs["cache"] = cache
         torch.manual_seed(0)
         outputs = model.generate(
-            input_ids,
-            max_new_tokens=10,
-            do_sample=generate_kwargs.pop("do_sample", False),
-            return_dict_in_generate=True,
-            output_logits=True,
-            **generate_kwargs,
+            input_ids, max_new_tokens=10, return_dict_in_generate=True, output_logits=True, **generate_kwargs
         )
         self.assert_logits_match_no_cache(model, outputs, input_ids.shape[1])
+        if cache is not None:
+            self.assertIs(outputs.cache, cache)
 
-    @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
-    def test_assisted_decoding_across_the_switch(self, _, model_class):
-        model = self.model_tester.get_model(model_class)
-        assistant_model = self.model_tester.get_model(model_class)
-        assistant_model.generation_config.num_assistant_tokens = 5
-        input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length - 3)
+    def test_left_padded_batch_across_the_switch(self):
+        # Every row is padded: the rotary embedding switches at the unpadded length of the longest row
+        model = self.model_tester.get_model(LlamaForCausalLM)
+        padding = 2
+        prompts = self.model_tester.get_input_ids(self.model_tester.switch_length - 3)
+        prompts = torch.cat([prompts, prompts.flip(-1)])
+        input_ids = torch.cat([torch.zeros_like(prompts[:, :padding]), prompts], dim=-1)
         outputs = model.generate(
             input_ids,
-            assistant_model=assistant_model,
-            max_new_tokens=10,
-            do_sample=False,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        self.assert_logits_match_no_cache(model, outputs, input_ids.shape[1])
-
-    @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
-    def test_static_cache_is_kept_and_recomputed(self, _, model_class):
-        model = self.model_tester.get_model(model_class)
-        input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length - 3)
-        cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + 8)
-        outputs = model.generate(
-            input_ids,
-            cache=cache,
+            attention_mask=(input_ids != 0).long(),
             max_new_tokens=8,
             do_sample=False,
             return_dict_in_generate=True,
             output_logits=True,
         )
-        self.assertIs(outputs.cache, cache)
-        self.assert_logits_match_no_cache(model, outputs, input_ids.shape[1])
+        for row in range(input_ids.shape[0]):
+            for step, logits in enumerate(outputs.logits):
+                row_alone = outputs.sequences[row : row + 1, padding : input_ids.shape[1] + step]
+                torch.testing.assert_close(logits[row], self.no_cache_logits(model, row_alone)[0], rtol=0, atol=1e-4)
 
     @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
     def test_beam_search_across_the_switch(self, _, model_class):
