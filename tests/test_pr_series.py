@@ -4,6 +4,7 @@ place (its tests fail before it and pass with it, it applies, ruff finds nothing
 creates a file upstream has, and a tree the series cannot be placed on is refused by name with nothing written.
 """
 
+import ast
 import io
 import runpy
 import shutil
@@ -197,3 +198,23 @@ class RunTimePatchesPassTheSeriesTestsTest(unittest.TestCase):
             self.assertGreater(result.testsRun, 0)
             failed |= {test._testMethodName for test, _ in result.failures + result.errors}
         self.assertEqual(failed, set(RUN_TIME_DIFFERENCES))
+
+
+class SeriesTestConfigsTest(unittest.TestCase):
+    """Each pull request's test file stands alone in upstream's tree, so each spells its tiny config: the same one."""
+
+    @staticmethod
+    def config_keywords(module_path: Path) -> set[str]:
+        module = ast.parse(module_path.read_text(encoding="utf-8"))
+        calls = [
+            node
+            for node in ast.walk(module)
+            if isinstance(node, ast.Call) and any(keyword.arg == "rope_parameters" for keyword in node.keywords)
+        ]
+        return {ast.dump(keyword) for call in calls for keyword in call.keywords}
+
+    def test_the_tiny_configs_are_the_same(self):
+        configs = [self.config_keywords(TEST_MODULES / pull_request.tests.module) for pull_request in SERIES]
+        self.assertTrue(all(configs))
+        for config in configs[1:]:
+            self.assertEqual(config, configs[0])

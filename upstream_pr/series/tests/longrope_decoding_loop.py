@@ -34,12 +34,13 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
     """
 
     switch_length = 32
+    vocab_size = 97
     head_dim = 8
     tolerance = 1e-4
 
     def get_model(self):
         config = Phi3Config(
-            vocab_size=97,
+            vocab_size=self.vocab_size,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -64,7 +65,7 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
 
     def get_input_ids(self, length):
         generator = torch.Generator().manual_seed(0)
-        return torch.randint(3, 97, (1, length), generator=generator).to(torch_device)
+        return torch.randint(3, self.vocab_size, (1, length), generator=generator).to(torch_device)
 
     def assert_decodes_like_no_cache(self, model, cache, input_ids, start, chunk_size=1):
         for position in range(start, input_ids.shape[1], chunk_size):
