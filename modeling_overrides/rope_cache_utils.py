@@ -306,9 +306,10 @@ def _first_layer_key_cache(cache) -> torch.Tensor | None:
         return cache[0][0] if len(cache) > 0 else None
     layers = getattr(cache, "layers", None)
     if layers is not None:
-        if len(layers) == 0 or not getattr(layers[0], "is_initialized", False):
+        # Layers from 4.54; those of 4.54 and 4.55 have no `is_initialized`, and keys `None` until the first update
+        if len(layers) == 0 or not getattr(layers[0], "is_initialized", True):
             return None
-        return layers[0].keys
+        return getattr(layers[0], "keys", None)
     key_cache = getattr(cache, "key_cache", None)
     if key_cache:
         return key_cache[0]
@@ -342,23 +343,35 @@ def _cached_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _reset_cache(cache) -> None:
     """Empties `cache` in place, keeping the object."""
+    layers = getattr(cache, "layers", None)
+    attention_layers = [layer for layer in layers or () if hasattr(layer, "keys")]
+    if isinstance(cache, DynamicCache) and any(not hasattr(layer, "is_initialized") for layer in attention_layers):
+        # 4.54 to 4.56: `reset` zeroes every layer's keys (and, 4.54 and 4.55, fails on a layer that has none yet)
+        _cut_dynamic_layers(layers)
+        return
     if hasattr(cache, "reset"):
         cache.reset()
     if not isinstance(cache, DynamicCache):
         return
-    layers = getattr(cache, "layers", None)
     if layers is None:
-        # Dynamic caches before 4.56 have no `reset`: cropping them to nothing empties them
+        # Dynamic caches before 4.54 have no `reset`: cropping them to nothing empties them
         if cache.get_seq_length() > 0:
             cache.crop(0)
         return
-    # Those of 4.56-4.57 zero their tensors on `reset` rather than dropping them, and their sliding-window layers (a
-    # Mistral config) zero their length counter too, so that they read as empty and refuse to crop: each layer's
-    # tensors are cut to no tokens
+    _cut_dynamic_layers(layers)
+
+
+def _cut_dynamic_layers(layers) -> None:
+    """
+    Cuts each layer of a dynamic cache to no tokens. From 4.54 to 4.57 `reset` zeroes their tensors rather than
+    dropping them, and the sliding-window layers of 4.57 (a Mistral config) zero their length counter too, so that
+    they read as empty and refuse to crop.
+    """
     for layer in layers:
-        if getattr(layer, "is_initialized", False) and layer.keys.shape[-2] > 0:
-            layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
-            if hasattr(layer, "cumulative_length"):
+        keys = getattr(layer, "keys", None)
+        if keys is not None and getattr(layer, "is_initialized", True) and keys.shape[-2] > 0:
+            layer.keys, layer.values = keys[..., :0, :], layer.values[..., :0, :]
+            if isinstance(getattr(layer, "cumulative_length", None), int):
                 layer.cumulative_length = 0
 
 
@@ -445,6 +458,16 @@ class _FedChunk:
     def length(self) -> int:
         return self.tokens.shape[1]
 
+    def prefix(self, length: int) -> "_FedChunk":
+        """The first `length` tokens of this chunk."""
+        return _FedChunk(
+            input_ids=self.input_ids[:, :length] if self.input_ids is not None else None,
+            inputs_embeds=self.inputs_embeds[:, :length] if self.inputs_embeds is not None else None,
+            position_ids=self.position_ids[..., :length] if self.position_ids is not None else None,
+            start=self.start,
+            other_inputs=self.other_inputs,
+        )
+
     def positions(self, batch_size: int) -> torch.Tensor:
         """The positions of these tokens in each of `batch_size` rows: the explicit ones, or their indices."""
         if self.position_ids is not None:
@@ -505,18 +528,38 @@ def _fold_chunks(chunks: list[_FedChunk], embedding_layer: torch.nn.Module) -> _
 
 
 def _tensor_state(tensor: torch.Tensor | None):
-    """Host-side identity of a tensor's contents: a weak reference to the object and its in-place version counter."""
+    """Host-side identity of a tensor's contents: a weak reference to the object, its in-place version counter, and
+    its shape, strides and base (to recognise a crop of it, see `_is_view_of`)."""
     if tensor is None:
         return None
-    return weakref.ref(tensor), tensor._version
+    base = tensor._base if tensor._base is not None else tensor
+    return weakref.ref(tensor), tensor._version, tuple(tensor.shape), tensor.stride(), weakref.ref(base)
 
 
 def _same_tensor_state(state, tensor: torch.Tensor | None) -> bool:
     """Whether `tensor` is the tensor whose `_tensor_state` is `state`, unchanged in place since."""
     if state is None or tensor is None:
         return state is None and tensor is None
-    reference, version = state
+    reference, version = state[:2]
     return reference() is tensor and tensor._version == version
+
+
+def _is_view_of(state, tensor: torch.Tensor | None) -> bool:
+    """
+    Whether `tensor` (a first layer's keys) is a view of the tensor whose `_tensor_state` is `state`, or of its base,
+    with the same batch, heads and head size, unchanged in place since: what a crop leaves (`DynamicCache.crop`,
+    a sliding-window layer's too), never a reorder, a narrowed batch, a reset or a forward pass, which make other
+    tensors or rows. Told by identity (a view holds its base), never by memory addresses, which a freed tensor may
+    pass on.
+    """
+    if state is None or tensor is None or tensor._base is None:
+        return False
+    _, version, shape, stride, base_reference = state
+    # The remembered tensor may be gone (a crop replaces a view by a view), but not its base: the new view holds it
+    if tensor._base is not base_reference():
+        return False
+    same_rows = tuple(tensor.shape[:-2]) == shape[:-2] and tensor.shape[-1] == shape[-1]
+    return same_rows and tensor.stride() == stride and tensor._version == version
 
 
 class RopeCacheRecord:
@@ -580,6 +623,14 @@ class RopeCacheRecord:
         if untouched:
             return self.length
 
+        if counter is None and self.inputs_are_known and _is_view_of(self._key_state, keys):
+            # Cropped back (a rollback, assisted decoding): it holds the first tokens fed, still in the regime they
+            # were rotated in
+            cropped_length = _cache_length(cache)
+            if cropped_length <= self.length:
+                self.truncate(cropped_length)
+                self.remember(cache)
+                return cropped_length
         if counter is not None and _same_tensor_state(self._counter_state, counter):
             cache_length = self.length
         else:
@@ -596,6 +647,19 @@ class RopeCacheRecord:
             self.length = cache_length
         self.remember(cache)
         return cache_length
+
+    def truncate(self, length: int):
+        """Records that the cache now holds only the first `length` tokens it held (it was cropped)."""
+        kept, remaining = [], length
+        for chunk in self.chunks:
+            if remaining <= 0:
+                break
+            kept.append(chunk if chunk.length <= remaining else chunk.prefix(remaining))
+            remaining -= kept[-1].length
+        self.chunks = kept
+        self.length = length
+        if length == 0:
+            self.regime = None
 
     def forget_inputs(self, reason: str):
         """Drops the recorded inputs, which no longer say what the cache holds, noting `reason` for messages."""
@@ -890,6 +954,20 @@ class RopeCacheUpdate:
             for chunk in chunks:
                 record.append(chunk, regime, embedding_layer)
         record.remember(past_key_values)
+
+    def abandon(self, past_key_values) -> None:
+        """
+        After a recompute that raised half-way (any exception, `KeyboardInterrupt` included): empties the cache in
+        place and records that it still has to hold everything fed before the caller's tokens, so that the next
+        forward pass (the same step again, say) recomputes it exactly. Nothing to do in the other modes, or for a
+        legacy cache, which the recompute did not touch.
+        """
+        if self.mode not in ("prefix_recompute", "row_recompute") or _is_legacy_cache(past_key_values):
+            return
+        before_caller = self._chunks[:-1] if self.mode == "prefix_recompute" else list(self._record.chunks)
+        _reset_cache(past_key_values)
+        self._record.restart(regime=None, chunks=before_caller)
+        self._record.remember(past_key_values)
 
     def caller_outputs(self, outputs):
         """Returns `outputs` restricted to the caller's tokens (a recomputed prefix is not theirs)."""
@@ -1325,8 +1403,12 @@ def check_rope_cache(model_forward=None, *, frequencies_per_row: bool = True):
         rope_cache_update = prepare_rope_cache_update(
             self.config, past_key_values, kwargs, self.get_input_embeddings(), frequencies_per_row
         )
-        rope_cache_update.recompute_rows(self, model_forward, past_key_values)
-        outputs = model_forward(self, **rope_cache_update.model_inputs)
+        try:
+            rope_cache_update.recompute_rows(self, model_forward, past_key_values)
+            outputs = model_forward(self, **rope_cache_update.model_inputs)
+        except BaseException:
+            rope_cache_update.abandon(past_key_values)
+            raise
         rope_cache_update.commit(outputs.past_key_values, self.get_input_embeddings())
         outputs = rope_cache_update.caller_outputs(outputs)
         return outputs.to_tuple() if return_tuple else outputs
@@ -1406,6 +1488,10 @@ def check_rope_cache_in_generation(prepare_inputs_for_generation=None, *, freque
         model_inputs = prepare_inputs_for_generation(self, *args, **kwargs)
         if recomputed == "sequence":
             model_inputs = _whole_sequence_inputs(model_inputs, input_ids, attention_mask, position_ids)
+            cache_key = cache_argument_name(model_inputs)
+            if model_inputs.get(cache_key) is None:
+                # The caller's cache, reset in place, where the model's own version dropped it (Phi-3 on 4.45)
+                model_inputs[cache_key] = named.get(cache_argument_name(named))
         elif recomputed == "rows" and model_inputs.get("attention_mask") is not attention_mask:
             # The prepared mask covers the new tokens only; recomputing rows needs the 2D one
             model_inputs["attention_mask"] = attention_mask

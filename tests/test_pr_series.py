@@ -163,8 +163,6 @@ class PullRequestSeriesTest(unittest.TestCase):
 
 
 RUN_TIME_DIFFERENCES = {
-    "test_cache_cropped_back_below_the_switch": "under the default policy the run-time patches raise "
-    "StaleRopeCacheError for a cache cropped back below the switch (issue 23, item 5)",
     "test_cache_filled_from_embeddings_is_reported": "the run-time patches raise StaleRopeCacheError where the pull "
     "request warns",
     "test_batch_reordered_and_selected_before_the_switch": "the run-time patches forget a cache's inputs when it is "
