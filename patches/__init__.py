@@ -31,6 +31,7 @@ from modeling_overrides.rope_cache_utils import (
 
 from . import versions
 from .binding import Binding, original_attribute
+from .coverage import CONSISTENT_DECODING, CONTINUOUS_BATCHING
 from .hooks import rebind_all_hooked_forwards
 
 
@@ -62,7 +63,8 @@ class PatchRefusedError(RuntimeError):
 
 
 class UnprotectedPathsWarning(UserWarning):
-    """`apply(force=True)` left some functions as upstream wrote them: the paths through them are not protected."""
+    """`apply()` left a model family (or continuous batching) as upstream wrote it, because one of its functions is
+    not the one the patches were written for: decoding through it is not protected, and warns across a switch."""
 
 
 @dataclass
@@ -77,6 +79,10 @@ class PatchStatus:
     consistent: bool = False
     patched: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    # The families (a model's modeling module, or "continuous batching") left out because a function of theirs was
+    # refused, with why; and what warns in them across a switch instead
+    unprotected: dict[str, str] = field(default_factory=dict)
+    guarded: list[str] = field(default_factory=list)
     # Models of this release with a standard-looking rotary embedding that the patches leave out, and why
     left_out: dict[str, str] = field(default_factory=dict)
 
@@ -84,7 +90,11 @@ class PatchStatus:
         support = "supported" if self.version_supported else "NOT supported"
         applied = "no"
         if self.applied:
-            applied = f"PARTIALLY ({len(self.refused)} refused, their paths unprotected)" if self.refused else "yes"
+            applied = (
+                f"PARTIALLY ({len(self.unprotected)} left out, their paths unprotected: {', '.join(self.unprotected)})"
+                if self.unprotected
+                else "yes"
+            )
         lines = [
             f"transformers {self.transformers_version} ({support}; supported: {self.supported_range})",
             f"applied: {applied}",
@@ -93,6 +103,7 @@ class PatchStatus:
         ]
         lines += [f"  patched  {name}" for name in self.patched]
         lines += [f"  refused  {name}: {reason}" for name, reason in self.refused.items()]
+        lines += [f"  guarded  {name} (warns across a switch)" for name in self.guarded]
         lines += [
             f"  left out {name} (stale across a switch, as upstream): {reason}"
             for name, reason in self.left_out.items()
@@ -105,9 +116,12 @@ _lock = threading.RLock()
 _originals: dict[tuple[type, str], object] = {}
 _patched: dict[tuple[type, str], str] = {}
 _refused: dict[str, str] = {}
+_unprotected: dict[str, str] = {}
 _left_out: dict[str, str] = {}
 # `(owner, attribute, old, new)` of the attributes changed since the last scan for modules hooked by accelerate
 _hook_changes: list[tuple[type, str, object, object]] = []
+# The bound guards: upstream's code of a left-out family, wrapped only to warn across a switch
+_guard_keys: set[tuple[type, str]] = set()
 _applied = False
 _consistent = False
 
@@ -142,18 +156,20 @@ def apply(
             of them. Types left out, and `None`, get `DEFAULT_STALE_CACHE_POLICIES`: `"recompute"` for longrope,
             `"warn"` for dynamic NTK.
         force (`bool`, defaults to `False`):
-            Patch anyway: a transformers release outside the tested range, or one where some function is not the
-            one the patch was written for. Each replaced function is still checked, and left alone if it differs;
-            an `UnprotectedPathsWarning` then names what is left unprotected.
+            Patch anyway: a transformers release outside the tested range, or one where every model family (or a
+            function of consistent decoding) is refused. Each replaced function is still checked, and its family
+            left out if it differs.
         consistent (`bool`, defaults to `False`):
             Make cached decoding bitwise equal to the forward pass without cache over the same tokens, for the Llama
-            and Phi-3 families: every `torch.nn.Linear` and SiLU (in the whole process) computes each row as if it
-            came alone, and so does their attention, requested as `"eager"` (with attention weights) or `"sdpa"`
-            (see `modeling_overrides/integrations/consistent_decoding.py`). First checks, in about a second, that
-            this machine's kernels are row-invariant in fp32, bf16 and fp16 with the current thread count, and each
-            new weight shape is checked at its first product. Runs eagerly: traced by `torch.compile`, it raises
-            `ConsistentDecodingCompileError`. Costs speed (see `docs/measurements.md`). Without it, outputs are
-            bitwise what they were.
+            and Phi-3 families: every `torch.nn.Linear` and SiLU (in the whole process) and their attention compute
+            each row as if it came alone, once this machine's kernels are checked row-invariant (about a second).
+            Eager only (`ConsistentDecodingCompileError` under `torch.compile`); costs speed (README, "Bitwise-consistent
+            decoding"). Without it, outputs are bitwise what they were.
+
+    A model family one of whose functions is not the one the patches were written for (a newer release renamed an
+    argument, say) is left out whole, and the others are patched: an `UnprotectedPathsWarning` names it and why,
+    `status().unprotected` lists it, and its decoder warns (`StaleRopeCacheWarning`), or raises under `"raise"`, when a
+    cache crosses a switch through it. Continuous batching likewise.
 
     Returns:
         The `PatchStatus` after the call.
@@ -161,70 +177,83 @@ def apply(
     Raises:
         `ValueError`: for an unknown policy. `TypeError`: for a `force` or `consistent` that is not a `bool`.
         `UnsupportedTransformersVersionError`: for a release outside the tested range, unless `force=True`.
-        `PatchRefusedError`: when a function the patches replace is not the one they were written for (its
-            signature or code changed), naming each and why, unless `force=True`. Nothing is changed: the patches
-            apply whole or not at all.
+        `PatchRefusedError`: when every model family is refused, or a function of consistent decoding is, naming
+            each function and why, unless `force=True`. Nothing is changed.
         `ConsistentDecodingUnavailableError`: for `consistent=True` on a release before 4.48, whose models do not
             share attention functions, or on a machine whose kernels are not row-invariant (naming each). Nothing is
             changed.
     """
-    global _applied, _consistent
     _expect_bool("force", force)
     _expect_bool("consistent", consistent)
     policy = normalize_stale_cache_policy(stale_cache)
     version = versions.installed_version()
-    if not versions.is_supported(version) and not force:
-        raise UnsupportedTransformersVersionError(
-            f"patches is tested with transformers {versions.supported_range()} (newest tested: "
-            f"{versions.NEWEST_TESTED_VERSION}), but {version} is installed. Nothing was changed. Install a tested "
-            "release, or pass `force=True` to patch anyway and then run `python -m patches check` to see which "
-            "decoding paths it protects (each replaced function is still checked, and left alone if it is not the "
-            "one the patch was written for)."
-        )
+    _refuse_unsupported_version(version, force)
+    if consistent:
+        _refuse_unavailable_consistent_decoding(version)
+    with _lock:
+        current, refused = _apply_locked(policy, force, consistent, version)
+    if current.unprotected:
+        _warn_unprotected(current.unprotected, refused)
+    return current
 
-    from .targets import all_bindings, consistent_decoding_bindings, left_out_models
 
-    if consistent and not consistent_decoding_bindings():
+def _warn_unprotected(unprotected: dict[str, str], refused: dict[str, str]) -> None:
+    warnings.warn(
+        f"patches.apply() left {', '.join(unprotected)} as upstream wrote it, so decoding through it is not "
+        f"protected (it warns when a cache crosses a RoPE switch): {_describe_refusals(refused)} Every other family "
+        "is patched. Check for a newer release of the patches, and run `python -m patches check`.",
+        UnprotectedPathsWarning,
+        stacklevel=3,
+    )
+
+
+def _refuse_unsupported_version(version, force: bool) -> None:
+    if versions.is_supported(version) or force:
+        return
+    raise UnsupportedTransformersVersionError(
+        f"patches is tested with transformers {versions.supported_range()} (newest tested: "
+        f"{versions.NEWEST_TESTED_VERSION}), but {version} is installed. Nothing was changed. Install a tested "
+        "release, or pass `force=True` to patch anyway and then run `python -m patches check` to see which "
+        "decoding paths it protects (each replaced function is still checked, and its family left out if it is not "
+        "the one the patch was written for)."
+    )
+
+
+def _refuse_unavailable_consistent_decoding(version) -> None:
+    from .targets import consistent_decoding_bindings
+
+    if not consistent_decoding_bindings():
         raise ConsistentDecodingUnavailableError(
             f"consistent=True needs transformers>=4.48, whose models share attention functions "
             f"(`ALL_ATTENTION_FUNCTIONS`, `eager_attention_forward`); {version} is installed. Nothing was changed."
         )
-    if consistent:
-        _verify_consistent_kernels()
+    _verify_consistent_kernels()
 
-    with _lock:
-        wanted = all_bindings(policy, upstream_attribute=_upstream_attribute, consistent=consistent)
-        refused = _refusals(wanted)
-        if refused and not force:
-            raise PatchRefusedError(
-                f"transformers {version} is not what the patches were written for: "
-                f"{_describe_refusals(refused)} Nothing was changed. Check for a newer release of the patches, or "
-                "pass `force=True` to patch the rest (those paths then stay as upstream has them)."
-            )
-        wanted_keys = {(binding.owner, binding.attribute) for binding in wanted}
-        for key in list(_patched):
-            if key not in wanted_keys or _patched[key] in refused:
-                _restore(key)
-        _refused.clear()
-        _refused.update(refused)
-        _left_out.clear()
-        _left_out.update(left_out_models())
-        for binding in wanted:
-            if binding.name not in refused:
-                _bind(binding)
-        _rebind_hooked_modules()
-        set_stale_cache_policy(policy)
-        _consistent = consistent
-        _applied = True
-        current = status()
-    if refused:
-        warnings.warn(
-            f"patches.apply(force=True) left upstream's code in place where it was refused, so decoding through it is "
-            f"not protected: {_describe_refusals(refused)}",
-            UnprotectedPathsWarning,
-            stacklevel=2,
-        )
-    return current
+
+def _apply_locked(policy: dict[str, str], force: bool, consistent: bool, version) -> tuple[PatchStatus, dict]:
+    """`apply`'s work under the lock: binds every family but those with a refused binding, which get their guards.
+    Returns the status and the refused bindings' reasons."""
+    global _applied, _consistent
+    from .targets import all_bindings, left_out_models, unprotected_family_bindings
+
+    wanted = all_bindings(policy, upstream_attribute=_upstream_attribute, consistent=consistent)
+    refused = _refusals(wanted)
+    unprotected = _families_left_out(wanted, refused)
+    if not force:
+        _refuse_if_nothing_is_protected(wanted, refused, unprotected, version)
+    kept = [binding for binding in wanted if binding.family not in unprotected]
+    _bind_exactly(kept + unprotected_family_bindings(unprotected))
+    _refused.clear()
+    _refused.update(refused)
+    _unprotected.clear()
+    _unprotected.update(unprotected)
+    _left_out.clear()
+    _left_out.update(left_out_models())
+    _rebind_hooked_modules()
+    set_stale_cache_policy(policy)
+    _consistent = consistent
+    _applied = True
+    return status(), refused
 
 
 def revert() -> PatchStatus:
@@ -233,8 +262,10 @@ def revert() -> PatchStatus:
     with _lock:
         for key in list(_patched):
             _restore(key)
+        _guard_keys.clear()
         _rebind_hooked_modules()
         _refused.clear()
+        _unprotected.clear()
         _left_out.clear()
         set_stale_cache_policy(None)
         _consistent = False
@@ -254,8 +285,10 @@ def status() -> PatchStatus:
             # Read from where the decorators read it: one store, whoever set it
             stale_cache=get_stale_cache_policies(),
             consistent=_consistent,
-            patched=sorted(_patched.values()),
+            patched=sorted(name for key, name in _patched.items() if key not in _guard_keys),
             refused=dict(_refused),
+            unprotected=dict(_unprotected),
+            guarded=sorted(name for key, name in _patched.items() if key in _guard_keys),
             left_out=dict(_left_out),
         )
 
@@ -325,6 +358,30 @@ def _refusals(bindings: list[Binding]) -> dict[str, str]:
     return refused
 
 
+def _families_left_out(bindings: list[Binding], refused: dict[str, str]) -> dict[str, str]:
+    """The families with a refused binding, each with why: `apply()` leaves each of them out whole."""
+    left_out: dict[str, list[str]] = {}
+    for binding in bindings:
+        if binding.name in refused:
+            left_out.setdefault(binding.family, []).append(f"`{binding.name}`: {refused[binding.name]}")
+    return {family: "; ".join(reasons) for family, reasons in left_out.items()}
+
+
+def _refuse_if_nothing_is_protected(
+    bindings: list[Binding], refused: dict[str, str], unprotected: dict[str, str], version
+) -> None:
+    """Raises `PatchRefusedError` where leaving families out would protect no model, or would drop the consistent
+    decoding the caller asked for: nothing is changed then."""
+    model_families = {binding.family for binding in bindings} - {CONTINUOUS_BATCHING, CONSISTENT_DECODING}
+    if CONSISTENT_DECODING not in unprotected and not (model_families and model_families <= set(unprotected)):
+        return
+    raise PatchRefusedError(
+        f"transformers {version} is not what the patches were written for: {_describe_refusals(refused)} Nothing was "
+        "changed. Check for a newer release of the patches, or pass `force=True` to patch what is left (the families "
+        "refused then stay as upstream has them)."
+    )
+
+
 def _describe_refusals(refused: dict[str, str]) -> str:
     return " ".join(f"`{name}`: {reason}." for name, reason in refused.items())
 
@@ -333,6 +390,19 @@ def _upstream_attribute(owner: type, attribute: str):
     """The attribute as upstream defines it, even while it is replaced; `None` if the class only inherits it."""
     key = (owner, attribute)
     return _originals[key] if key in _patched else original_attribute(owner, attribute)
+
+
+def _bind_exactly(bindings: list[Binding]) -> None:
+    """Leaves exactly `bindings` bound: every other replaced attribute, or one replaced by another binding than
+    asked now (a family's own binding where its guard is wanted, say), is put back first."""
+    wanted = {(binding.owner, binding.attribute): (binding.name, binding.guard) for binding in bindings}
+    for key, name in list(_patched.items()):
+        if wanted.get(key) != (name, key in _guard_keys):
+            _restore(key)
+    for binding in bindings:
+        _bind(binding)
+    _guard_keys.clear()
+    _guard_keys.update((binding.owner, binding.attribute) for binding in bindings if binding.guard)
 
 
 def _bind(binding: Binding) -> None:

@@ -17,6 +17,9 @@ class Binding:
         attribute: the attribute's name.
         replacement: builds the new attribute from the original one.
         check: returns why the original is not the function the replacement was written for, or `None` if it is.
+        family: what it protects, as `apply()` leaves it out whole when one of its bindings is refused: a model's
+            modeling module (`"phi3"`), `"continuous batching"` or `"consistent decoding"`.
+        guard: it protects nothing, only warns: what a left-out family gets (see `patches/unprotected.py`).
     """
 
     name: str
@@ -24,6 +27,8 @@ class Binding:
     attribute: str
     replacement: Callable[[object], object]
     check: Callable[[object], str | None]
+    family: str = ""
+    guard: bool = False
 
 
 def original_attribute(owner: type, attribute: str):

@@ -113,12 +113,23 @@ TESTED_VERSIONS = tuple(release for era in ERAS for release in era.tested_releas
 
 NEWEST_TESTED_VERSION = TESTED_VERSIONS[-1]
 
+SELF_CHECKED_RELEASES = (
+    *("4.44.2", "4.45.2", "4.46.3", "4.47.1", "4.48.3", "4.49.0", "4.50.3", "4.51.3", "4.52.4", "4.53.3", "4.54.1"),
+    *("4.55.4", "4.56.2", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.2", "5.7.0", "5.8.1"),
+    *("5.9.0", "5.10.4", "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1", "5.17.0", "5.18.0", "5.19.0"),
+    *("5.20.2", "5.21.1", "5.22.2", "5.23.0", "5.24.0"),
+)
+"""The latest patch release of every minor the supported range admits, oldest first: `python -m patches check` passes
+on each (CI runs it: `scripts/test_matrix.py --self-check`), and the suite runs on those of `TESTED_VERSIONS`. A
+test keeps it one release per minor of the range."""
+
 
 class UnrecognisedEraError(ValueError):
     """Phi-3's modeling code has the shape of no era, or of another era than its release's."""
 
 
-def _release_tuple(release: str) -> tuple[int, int]:
+def release_tuple(release: str) -> tuple[int, int]:
+    """`(major, minor)` of a release (`"5.24.0"`, `"5.25.0.dev0"`): what the tables compare."""
     major, minor = re.match(r"(\d+)\.(\d+)", release).groups()
     return int(major), int(minor)
 
@@ -127,7 +138,7 @@ def era_of_release(release: str) -> Era | None:
     """The era `release` (`"4.57.6"`, `"5.25.0.dev0"`) falls in by its number, or `None` before the first."""
     found = None
     for era in ERAS:
-        if _release_tuple(release) >= _release_tuple(era.first_release):
+        if release_tuple(release) >= release_tuple(era.first_release):
             found = era
     return found
 
@@ -158,8 +169,19 @@ def recognise_era(modeling_phi3_source: str, release: str) -> Era:
 CONTINUOUS_BATCHING_FROM = "5.23"
 """The first release whose continuous batching (`generate_batch`, `transformers serve --continuous-batching`) the
 patches protect: per-request RoPE frequencies in packed batches, and a request that crosses the switch prefilled
-again. Releases with continuous batching before it (4.56 on) warn, once per manager, for a model whose RoPE
+again. Releases with continuous batching before it (4.53 on) warn, once per manager, for a model whose RoPE
 frequencies depend on the length; asynchronous batching and CUDA graphs warn on every release."""
+
+
+def protects_continuous_batching(release: str) -> bool:
+    """Whether the patches protect the continuous batching of transformers `release` (`"5.24.0"`, `"5.25.0.dev0"`)."""
+    return release_tuple(release) >= release_tuple(CONTINUOUS_BATCHING_FROM)
+
+
+CONTINUOUS_BATCHING = "continuous batching"
+CONSISTENT_DECODING = "consistent decoding"
+"""The families of bindings that are not a model's (a model's family is its modeling module, `"phi3"`): `apply()`
+leaves a family out whole when one of its bindings is refused."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +264,7 @@ CONTINUOUS_BATCHING_MODULE = "generation.continuous_batching.rope"
 
 def supported_requirement() -> str:
     """The transformers requirement the tested releases support: from the oldest to the newest one's minor."""
-    major, minor = _release_tuple(NEWEST_TESTED_VERSION)
+    major, minor = release_tuple(NEWEST_TESTED_VERSION)
     return f"transformers>={TESTED_VERSIONS[0]},<{major}.{minor + 1}"
 
 
@@ -417,8 +439,9 @@ LEFT_OUT_MODELS = {
     "the one the generation check wraps",
 }
 """Models with a standard-looking rotary embedding that `MODELS` leaves out, and why: the bindings would be refused
-on some tested release (and `apply()` refuses as a whole), or the model does not have the shape they are written for,
-or the recompute is wrong for it. Upstream keeps their caches stale across a switch, and so does the pull request."""
+on some tested release (`apply()` would then leave the model out with a warning on every call, and the self-check
+fail), or the model does not have the shape they are written for, or the recompute is wrong for it. Upstream keeps
+their caches stale across a switch, and so does the pull request."""
 
 MODEL_CLASS_SUFFIXES = ("RotaryEmbedding", "Model", "ForCausalLM")
 
@@ -443,7 +466,7 @@ def model_exclusion(module_name: str, release: str, rotary_init_source: str, own
             f"in transformers {release}, {module_name} has its own cache ({', '.join(own_caches)}), whose states the "
             "recompute does not empty"
         )
-    if model.covered_from is not None and _release_tuple(model.covered_from[0]) > _release_tuple(release):
+    if model.covered_from is not None and release_tuple(model.covered_from[0]) > release_tuple(release):
         first, reason = model.covered_from
         return f"covered from transformers {first}: {reason}"
     return None

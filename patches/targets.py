@@ -17,6 +17,8 @@ SiLU classes `ACT2FN` builds, and, in the modeling modules of the models marked 
 `eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module attributes).
 """
 
+import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 from functools import partial
@@ -41,7 +43,8 @@ from .binding import (
     source,
 )
 from .coverage import (
-    CONTINUOUS_BATCHING_FROM,
+    CONSISTENT_DECODING,
+    CONTINUOUS_BATCHING,
     CONTINUOUS_BATCHING_METHODS,
     LEFT_OUT_MODELS,
     MODEL_CLASS_SUFFIXES,
@@ -51,8 +54,8 @@ from .coverage import (
     Era,
     Model,
     UnrecognisedEraError,
-    _release_tuple,
     model_exclusion,
+    protects_continuous_batching,
     recognise_era,
     rotates_per_row,
 )
@@ -78,6 +81,8 @@ V4_44_PREPARE_INPUTS_PARAMETERS = [
     "use_cache",
     "kwargs",
 ]
+# 4.45 gave each model's own version a `num_logits_to_keep` parameter (4.46 moved most of them to the generic one)
+V4_45_PREPARE_INPUTS_PARAMETERS = [*V4_44_PREPARE_INPUTS_PARAMETERS[:-1], "num_logits_to_keep", "kwargs"]
 V4_46_CAUSAL_LM_FORWARD_PARAMETERS = [
     *DECODER_FORWARD_LEADING_PARAMETERS[:-1],
     "labels",
@@ -224,8 +229,12 @@ def _generation_binding(causal_lm: type, upstream_attribute: UpstreamAttribute, 
     """`prepare_inputs_for_generation`, decorated: the class's own, or the generic one in place of a cache drop."""
     name = f"{causal_lm.__name__}.prepare_inputs_for_generation"
     own = upstream_attribute(causal_lm, "prepare_inputs_for_generation")
-    if own is None or "original_max_position_embeddings" in _source(own):
-        # Inherited, or (Phi-3 and PhiMoE from 4.45) an override that only drops the cache at the switch and then
+    own_source = _source(own) if own is not None else ""
+    if own is None or all(
+        fragment in own_source
+        for fragment in ("original_max_position_embeddings", "super().prepare_inputs_for_generation(")
+    ):
+        # Inherited, or (Phi-3 and PhiMoE from 4.46) an override that only drops the cache at the switch and then
         # calls the generic version: the generic version is decorated, and the drop goes
         def check(original) -> str | None:
             if original is None:
@@ -244,15 +253,21 @@ def _generation_binding(causal_lm: type, upstream_attribute: UpstreamAttribute, 
             ),
             check=check,
         )
-    # Releases before 4.46 give each model a complete version of its own
+
+    # Releases before 4.46 give each model a complete version of its own (Phi-3's drops the cache at the switch from
+    # 4.45: the decorator recomputes first, and feeds the whole sequence through the caller's cache whatever it drops)
+    def check(original) -> str | None:
+        for parameters in (V4_44_PREPARE_INPUTS_PARAMETERS, V4_45_PREPARE_INPUTS_PARAMETERS):
+            if expect_parameters(parameters)(original) is None:
+                return expect_source("input_ids[:, cache_position]")(original)
+        return expect_parameters(V4_45_PREPARE_INPUTS_PARAMETERS)(original)
+
     return Binding(
         name=name,
         owner=causal_lm,
         attribute="prepare_inputs_for_generation",
         replacement=partial(check_rope_cache_in_generation, frequencies_per_row=frequencies_per_row),
-        check=all_checks(
-            expect_parameters(V4_44_PREPARE_INPUTS_PARAMETERS), expect_source("input_ids[:, cache_position]")
-        ),
+        check=check,
     )
 
 
@@ -275,8 +290,13 @@ def cache_bindings(
         _generation_binding(causal_lm, upstream_attribute, frequencies_per_row),
     ]
     causal_lm_forward = upstream_attribute(causal_lm, "forward")
-    if causal_lm.__name__ == "Phi3ForCausalLM" and V4_46_SWITCH_WARNING in _source(causal_lm_forward):
-        # 4.45 to 4.47: the forward pass also warns at the switch, with a device->host synchronisation at every step
+    if (
+        causal_lm.__name__ == "Phi3ForCausalLM"
+        and V4_46_SWITCH_WARNING in _source(causal_lm_forward)
+        and "loss_kwargs" in parameter_names(causal_lm_forward)
+    ):
+        # 4.46 and 4.47: the forward pass also warns at the switch, with a device->host synchronisation at every step.
+        # 4.45's (without `loss_kwargs`, and its loss computed in place) is decorated as it is: its warning stays
         from modeling_overrides.models.phi3 import modeling_phi3_v4_46
 
         bindings.append(
@@ -331,31 +351,71 @@ def _standard_rotary_binding(rotary_embedding: type) -> Binding:
 
 def _phimoe_rotary_binding(modeling_phimoe, frequencies_per_row: bool) -> Binding:
     """
-    PhiMoE's rotary `forward`, which took two shapes:
+    PhiMoE's rotary `forward`, which took three shapes:
 
     - 4.46 to 4.57: `forward(x, seq_len)` builds a table for the batch's first `seq_len` positions, choosing the
       factors by `seq_len` with a device->host synchronisation (and, before 4.51, one token early). It is called
       without positions, so the choice stays batch-wide; the caches follow that (`frequencies_per_row=False`).
-    - 5.x: `forward(x, position_ids)` recomputes the short frequencies at every call, so it never switches to the
-      long ones, and picks its scale with a device->host synchronisation.
+    - 5.0 to 5.14: `forward(x, position_ids, layer_type)`, which refuses any `layer_type`, recomputes the short
+      frequencies at every call and reads scales the module does not have (`self.long_mscale`).
+    - From 5.15: `forward(x, position_ids)` recomputes the short frequencies at every call, so it never switches to
+      the long ones, and picks its scale with a device->host synchronisation.
     """
-    if frequencies_per_row:
-        from modeling_overrides.models.phimoe import modeling_phimoe as phimoe_overrides
+    if not frequencies_per_row:
+        from modeling_overrides.models.phimoe import modeling_phimoe_v4_57
 
-        expected_parameters = ["self", "x", "position_ids"]
-        fingerprint = ("self.rope_init_fn(self.config)", "long_mscale", "short_mscale")
-    else:
-        from modeling_overrides.models.phimoe import modeling_phimoe_v4_57 as phimoe_overrides
+        return Binding(
+            name="PhimoeRotaryEmbedding.forward",
+            owner=modeling_phimoe.PhimoeRotaryEmbedding,
+            attribute="forward",
+            replacement=lambda original: modeling_phimoe_v4_57.PhimoeRotaryEmbedding.forward,
+            check=all_checks(
+                expect_parameters(["self", "x", "seq_len"]),
+                expect_source(
+                    "self.rope_init_fn(self.config, x.device, seq_len)", "long_mscale", "torch.arange(seq_len"
+                ),
+            ),
+        )
+    from modeling_overrides.models.phimoe import modeling_phimoe as phimoe_overrides
 
-        expected_parameters = ["self", "x", "seq_len"]
-        fingerprint = ("self.rope_init_fn(self.config, x.device, seq_len)", "long_mscale", "torch.arange(seq_len")
+    def check(original) -> str | None:
+        if original is not None and "layer_type" in parameter_names(original):
+            return all_checks(
+                expect_parameters(["self", "x", "position_ids", "layer_type"]),
+                expect_source("does not support layer types", "self.rope_init_fn(self.config, x.device, seq_len)"),
+            )(original)
+        return all_checks(
+            expect_parameters(["self", "x", "position_ids"]),
+            expect_source("self.rope_init_fn(self.config)", "long_mscale", "short_mscale"),
+        )(original)
+
+    def replacement(original):
+        if "layer_type" in parameter_names(original):
+            return refusing_layer_types(phimoe_overrides.PhimoeRotaryEmbedding.forward)
+        return phimoe_overrides.PhimoeRotaryEmbedding.forward
+
     return Binding(
         name="PhimoeRotaryEmbedding.forward",
         owner=modeling_phimoe.PhimoeRotaryEmbedding,
         attribute="forward",
-        replacement=lambda original: phimoe_overrides.PhimoeRotaryEmbedding.forward,
-        check=all_checks(expect_parameters(expected_parameters), expect_source(*fingerprint)),
+        replacement=replacement,
+        check=check,
     )
+
+
+def refusing_layer_types(rotary_forward):
+    """`rotary_forward` with the `layer_type` parameter 5.0 to 5.14 give a rotary embedding without layer types, which
+    refuses any, as upstream's does there."""
+
+    @functools.wraps(rotary_forward)
+    def forward(self, x, position_ids=None, layer_type=None):
+        if layer_type is not None:
+            raise ValueError(
+                f"{self.__class__.__name__} does not support layer types, but got `layer_type={layer_type}`"
+            )
+        return rotary_forward(self, x, position_ids)
+
+    return forward
 
 
 def _modeling_module(module_name: str):
@@ -427,18 +487,44 @@ def model_bindings(stale_cache_policy: dict[str, str], upstream_attribute: Upstr
     """
     Bindings for every model of `coverage.MODELS` that the installed release has and the patches cover there
     (`covered_model`): its rotary embedding and, unless every cache is ignored, its decoder, causal LM and generation.
+    Each carries its model as `family`. A model whose code cannot even be read as the bindings expect gets one refused
+    binding saying why, so that `apply()` leaves that model out and no other.
     """
     bindings = []
-    for module_name, model in MODELS.items():
-        module, _ = covered_model(module_name)
-        if module is None:
-            continue
-        rotary_bindings, frequencies_per_row = _rotary_bindings(module, model, upstream_attribute)
-        bindings += rotary_bindings
-        if _tracks_any_cache(stale_cache_policy):
-            decoder, causal_lm = getattr(module, f"{model.prefix}Model"), getattr(module, f"{model.prefix}ForCausalLM")
-            bindings += cache_bindings(decoder, causal_lm, upstream_attribute, frequencies_per_row)
+    for module_name in MODELS:
+        try:
+            family_bindings = _family_bindings(module_name, stale_cache_policy, upstream_attribute)
+        except Exception as error:  # a release the bindings were not written for: that model is refused, not apply()
+            family_bindings = [_unreadable_family_binding(module_name, error)]
+        bindings += [dataclasses.replace(binding, family=module_name) for binding in family_bindings]
     return bindings
+
+
+def _family_bindings(
+    module_name: str, stale_cache_policy: dict[str, str], upstream_attribute: UpstreamAttribute
+) -> list[Binding]:
+    module, _ = covered_model(module_name)
+    if module is None:
+        return []
+    model = MODELS[module_name]
+    bindings, frequencies_per_row = _rotary_bindings(module, model, upstream_attribute)
+    if _tracks_any_cache(stale_cache_policy):
+        decoder, causal_lm = getattr(module, f"{model.prefix}Model"), getattr(module, f"{model.prefix}ForCausalLM")
+        bindings += cache_bindings(decoder, causal_lm, upstream_attribute, frequencies_per_row)
+    return bindings
+
+
+def _unreadable_family_binding(family: str, error: Exception) -> Binding:
+    """A refused binding standing for a whole family (or optional part) whose code the bindings could not read."""
+    reason = f"the patches cannot read its code on this release ({type(error).__name__}: {error})"
+    return Binding(
+        name=f"{family} (every binding)",
+        owner=type(None),
+        attribute="",
+        replacement=lambda original: original,
+        check=lambda original: reason,
+        family=family,
+    )
 
 
 def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Binding]:
@@ -447,30 +533,32 @@ def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Bin
     `coverage.CONTINUOUS_BATCHING_FROM`: the decorators of `coverage.CONTINUOUS_BATCHING_METHODS` (each packed request
     rotated with its own length's frequencies and, unless every cache is ignored, a request that crosses the switch
     prefilled again and prefix sharing kept within the first RoPE regime). Releases with continuous batching before
-    it get a warning when a model with such a RoPE starts it; releases without it, nothing.
+    it get a warning when a model with such a RoPE starts it; releases without it, nothing. Where the release's
+    continuous batching cannot be read as the bindings expect (a module or class it lacks), one refused binding says
+    why: `apply()` then leaves continuous batching out, with a warning, and protects the rest.
     """
-    import importlib
     import importlib.util
-
-    import transformers
 
     if importlib.util.find_spec("transformers.generation.continuous_batching") is None:
         return []
-    # Imported only here: it imports the release's continuous batching
-    from modeling_overrides.generation import continuous_batching as rope_batching
+    try:
+        bindings = _continuous_batching_bindings(stale_cache_policy)
+    except Exception as error:  # an optional part of the release: never an exception out of apply()
+        bindings = [_unreadable_family_binding(CONTINUOUS_BATCHING, error)]
+    return [dataclasses.replace(binding, family=CONTINUOUS_BATCHING) for binding in bindings]
+
+
+def _continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Binding]:
+    import importlib
+
+    import transformers
 
     package = "transformers.generation.continuous_batching"
-    if _release_tuple(transformers.__version__) < _release_tuple(CONTINUOUS_BATCHING_FROM):
-        manager = importlib.import_module(f"{package}.continuous_api").ContinuousBatchingManager
-        return [
-            Binding(
-                name="ContinuousBatchingManager.__init__",
-                owner=manager,
-                attribute="__init__",
-                replacement=rope_batching.warn_in_unsupported_release,
-                check=expect_leading_parameters(["self", "model"]),
-            )
-        ]
+    if not protects_continuous_batching(transformers.__version__):
+        return [unprotected_continuous_batching_binding()]
+    # Imported only here: it imports the release's continuous batching, whose modules older releases lack
+    from modeling_overrides.generation import continuous_batching as rope_batching
+
     bindings = []
     for method in CONTINUOUS_BATCHING_METHODS:
         if method.tracks_cache and not _tracks_any_cache(stale_cache_policy):
@@ -485,6 +573,63 @@ def continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Bin
                 check=all_checks(
                     expect_leading_parameters(list(method.parameters)), expect_source(*method.fingerprint)
                 ),
+            )
+        )
+    return bindings
+
+
+def unprotected_continuous_batching_binding() -> Binding:
+    """`ContinuousBatchingManager.__init__` warning that a model whose RoPE frequencies depend on the length is not
+    protected there: for releases before `CONTINUOUS_BATCHING_FROM`, and where continuous batching is left out."""
+    import importlib
+
+    from .unprotected import warn_in_unprotected_continuous_batching
+
+    package = importlib.import_module("transformers.generation.continuous_batching")
+    # A module of its own until 4.56, a package (the manager in `continuous_api`) from 4.57
+    if hasattr(package, "__path__"):
+        package = importlib.import_module(f"{package.__name__}.continuous_api")
+    return Binding(
+        name="ContinuousBatchingManager.__init__",
+        owner=package.ContinuousBatchingManager,
+        attribute="__init__",
+        replacement=warn_in_unprotected_continuous_batching,
+        check=expect_leading_parameters(["self", "model"]),
+        family=CONTINUOUS_BATCHING,
+    )
+
+
+def unprotected_family_bindings(unprotected: dict[str, str]) -> list[Binding]:
+    """
+    The guards of the families `apply()` leaves out (`unprotected`: family -> why): a left-out model's decoder
+    `forward` warns when a cache crosses a switch through it (`unprotected.warn_across_rope_switch`), and continuous
+    batching left out warns when a model with such a RoPE starts it. A family whose decoder the release does not have
+    (or no longer defines) gets none.
+    """
+    from .unprotected import warn_across_rope_switch
+
+    bindings = []
+    for family, reason in unprotected.items():
+        try:
+            if family == CONTINUOUS_BATCHING:
+                bindings.append(dataclasses.replace(unprotected_continuous_batching_binding(), guard=True))
+                continue
+            if family not in MODELS:
+                continue
+            decoder = getattr(_modeling_module(family), f"{MODELS[family].prefix}Model")
+        except Exception:  # nothing there to guard
+            continue
+        if original_attribute(decoder, "forward") is None:
+            continue
+        bindings.append(
+            Binding(
+                name=f"{decoder.__name__}.forward",
+                owner=decoder,
+                attribute="forward",
+                replacement=partial(warn_across_rope_switch, family=family, reason=reason),
+                check=lambda original: None,
+                family=family,
+                guard=True,
             )
         )
     return bindings
@@ -591,5 +736,7 @@ def all_bindings(
     bindings = model_bindings(stale_cache_policy, upstream_attribute)
     bindings += continuous_batching_bindings(stale_cache_policy)
     if consistent:
-        bindings += consistent_decoding_bindings()
+        bindings += [
+            dataclasses.replace(binding, family=CONSISTENT_DECODING) for binding in consistent_decoding_bindings()
+        ]
     return bindings

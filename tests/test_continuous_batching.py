@@ -26,14 +26,14 @@ import warnings
 from parameterized import parameterized
 
 import patches
-from patches.coverage import CONTINUOUS_BATCHING_FROM
+from patches.coverage import CONTINUOUS_BATCHING_FROM, protects_continuous_batching
 from patches.reference import continuous_batching_errors, greedy_alone
 from patches.tiny_models import SWITCH_POINT, random_tokens, tiny_phi3_model, tiny_standard_model
 
 from .cache_consistency_utils import TRANSFORMERS_VERSION, QuietTestCase
 
 
-SUPPORTED = TRANSFORMERS_VERSION.release[:2] >= tuple(int(part) for part in CONTINUOUS_BATCHING_FROM.split("."))
+SUPPORTED = protects_continuous_batching(str(TRANSFORMERS_VERSION))
 SKIP_REASON = (
     f"the patches protect continuous batching from transformers {CONTINUOUS_BATCHING_FROM} (see test_warns_...)"
 )
@@ -199,5 +199,5 @@ class UnprotectedContinuousBatchingTest(ContinuousBatchingTestCase):
             model.init_continuous_batching(generation_config=GenerationConfig(max_new_tokens=2, eos_token_id=-1))
         messages = [str(warning.message) for warning in caught if warning.category is patches.StaleRopeCacheWarning]
         self.assertTrue(
-            any("continuous batching with this transformers release is not protected" in m for m in messages)
+            any("continuous batching on this transformers release is not protected" in m for m in messages)
         )

@@ -45,6 +45,22 @@ class ErasTest(unittest.TestCase):
         self.assertIsNone(coverage.era_of_release("4.43.4"))
         self.assertIs(coverage.era_of_release("5.25.0.dev0"), coverage.ERAS[-1])
 
+    def test_the_self_checked_releases_are_one_per_minor_of_the_range(self):
+        # CI runs `python -m patches check` on each: every minor the range admits, its latest patch release
+        from packaging.version import Version
+
+        minors = [Version(release).release[:2] for release in coverage.SELF_CHECKED_RELEASES]
+        self.assertEqual(len(set(minors)), len(minors))
+        self.assertEqual(minors, sorted(minors))
+        for release in coverage.SELF_CHECKED_RELEASES:
+            self.assertTrue(versions.is_supported(Version(release)), release)
+            self.assertIsNotNone(coverage.era_of_release(release), release)
+        self.assertLessEqual(set(coverage.TESTED_VERSIONS), set(coverage.SELF_CHECKED_RELEASES))
+        oldest, newest = Version(coverage.TESTED_VERSIONS[0]), Version(coverage.NEWEST_TESTED_VERSION)
+        majors_minors = {4: range(oldest.minor, 58), 5: range(0, newest.minor + 1)}
+        expected = [(major, minor) for major, span in majors_minors.items() for minor in span]
+        self.assertEqual(minors, expected)
+
     @unittest.skipUnless(versions.is_supported(TRANSFORMERS_VERSION), "the era of a supported release only")
     def test_the_installed_release_is_recognised_as_its_era(self):
         era = installed_era()

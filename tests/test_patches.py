@@ -163,38 +163,33 @@ class PatchesApiTest(unittest.TestCase):
         self.assertTrue(status.applied)
         self.assertFalse(status.version_supported)
 
-    def test_a_changed_upstream_function_is_refused_and_nothing_changes(self):
+    def test_a_changed_upstream_function_leaves_its_family_out_and_warns_once(self):
         def forward(self, input_ids, something_new=None):  # not the function the patch was written for
             return None
 
         with mock.patch.object(modeling_phi3.Phi3ForCausalLM, "forward", forward):
-            patched_before = {key: value for key, value in snapshot().items() if key[1] != "forward"}
-            with self.assertRaises(patches.PatchRefusedError) as raised:
-                patches.apply()
-            message = str(raised.exception)
-            self.assertIn("`Phi3ForCausalLM.forward`: its signature changed", message)
-            self.assertIn("Nothing was changed", message)
-            self.assertIn("force=True", message)
-            self.assertFalse(patches.status().applied)
-            for key, value in patched_before.items():
-                self.assertIs(snapshot()[key], value, key)
-
-    def test_force_patches_the_rest_and_warns_once_with_what_is_unprotected(self):
-        def forward(self, input_ids, something_new=None):
-            return None
-
-        with mock.patch.object(modeling_phi3.Phi3ForCausalLM, "forward", forward):
             with self.assertWarns(patches.UnprotectedPathsWarning) as warned:
-                status = patches.apply(force=True)
+                status = patches.apply()
             self.assertIn("`Phi3ForCausalLM.forward`: its signature changed", str(warned.warning))
+            self.assertIn("left phi3 as upstream wrote it", str(warned.warning))
             self.assertEqual(warned.filename, __file__)
             self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], forward)
             self.assertIn("signature changed", status.refused["Phi3ForCausalLM.forward"])
-            self.assertNotIn("Phi3ForCausalLM.forward", status.patched)
-            self.assertIn("Phi3Model.forward", status.patched)
-            self.assertIn("applied: PARTIALLY (1 refused", str(status))
+            self.assertIn("phi3", status.unprotected)
+            # The whole family is left out, its decoder only guarded; the other families are patched
+            for owner, attribute in PATCHED_ATTRIBUTES:
+                self.assertNotIn(binding_name(owner, attribute), status.patched)
+            self.assertEqual(
+                modeling_phi3.Phi3ForCausalLM.__dict__["prepare_inputs_for_generation"],
+                self.originals[CACHE_ATTRIBUTES[2]],
+            )
+            self.assertIn("Phi3Model.forward", status.guarded)
+            self.assertIn("LlamaModel.forward", status.patched)
+            self.assertIn("applied: PARTIALLY (1 left out, their paths unprotected: phi3)", str(status))
             patches.revert()
             self.assertIs(modeling_phi3.Phi3ForCausalLM.__dict__["forward"], forward)
+            self.assertEqual(patches.status().guarded, [])
+        self.assertEqual(snapshot(), self.originals)
 
     def test_a_function_whose_code_changed_is_refused_by_its_fingerprint(self):
         # Same signature as upstream's, other code: only the source fingerprint tells them apart
@@ -210,14 +205,12 @@ class PatchesApiTest(unittest.TestCase):
         owner, attribute = ROTARY_ATTRIBUTES[0]
         changed = changed_legacy_rotary_forward if version < Version("4.48") else changed_rotary_forward
         with mock.patch.object(owner, attribute, changed):
-            with self.assertRaisesRegex(patches.PatchRefusedError, "its code changed"):
-                patches.apply()
-            self.assertIs(owner.__dict__[attribute], changed)
             with self.assertWarns(patches.UnprotectedPathsWarning):
-                status = patches.apply(force=True)
+                status = patches.apply()
             self.assertIs(owner.__dict__[attribute], changed)
             self.assertIn("its code changed", status.refused[binding_name(owner, attribute)])
             self.assertNotIn(binding_name(owner, attribute), status.patched)
+            self.assertIn("phi3", status.unprotected)
             patches.revert()
 
     def test_the_tested_range_is_the_packaged_requirement(self):

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import patches
-from patches.coverage import CONTINUOUS_BATCHING_FROM
+from patches.coverage import CONTINUOUS_BATCHING_FROM, protects_continuous_batching
 from patches.reference import greedy_alone
 from patches.tiny_models import SWITCH_POINT, random_tokens, tiny_phi3_model
 from transformers.utils import import_utils
@@ -39,7 +39,7 @@ from .cache_consistency_utils import TRANSFORMERS_VERSION
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPPORTED = TRANSFORMERS_VERSION.release[:2] >= tuple(int(part) for part in CONTINUOUS_BATCHING_FROM.split("."))
+SUPPORTED = protects_continuous_batching(str(TRANSFORMERS_VERSION))
 NEW_TOKENS = 8
 PROMPT_LENGTHS = (SWITCH_POINT - 4, 5, SWITCH_POINT + 8, SWITCH_POINT - 2, 10)
 """Two requests that cross the switch while decoding, two that stay short, one past it from the start."""

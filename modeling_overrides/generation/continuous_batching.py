@@ -135,19 +135,6 @@ def warn_unprotected(owner, what: str) -> None:
     )
 
 
-def warn_in_unsupported_release(manager_init):
-    """Decorates `ContinuousBatchingManager.__init__` of a release whose continuous batching the patches do not
-    protect: a model whose RoPE frequencies depend on the length is warned about."""
-
-    @wraps(manager_init)
-    def wrapper(self, model, *args, **kwargs):
-        manager_init(self, model, *args, **kwargs)
-        if rope_frequency_regime(model.config, 1) is not None:
-            warn_unprotected(self, "this transformers release")
-
-    return wrapper
-
-
 def _stale_requests(scheduler) -> list:
     """The running requests whose cached tokens were computed with other RoPE frequencies than their next forward
     pass needs: a request that has just crossed the switch (or, with dynamic NTK, grown past the maximum)."""

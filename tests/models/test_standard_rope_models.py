@@ -27,7 +27,7 @@ from packaging.version import Version
 from parameterized import parameterized
 
 import patches
-from patches.coverage import CONTINUOUS_BATCHING_FROM, LEFT_OUT_MODELS
+from patches.coverage import LEFT_OUT_MODELS, protects_continuous_batching
 from patches.coverage import MODELS as COVERED_MODELS
 from patches.reference import continuous_batching_errors
 from patches.targets import covered_model as covered_module
@@ -50,9 +50,7 @@ from ..cache_consistency_utils import (
 
 MODELS = [(module_name,) for module_name in sorted(COVERED_MODELS)]
 
-CONTINUOUS_BATCHING_SUPPORTED = TRANSFORMERS_VERSION.release[:2] >= tuple(
-    int(part) for part in CONTINUOUS_BATCHING_FROM.split(".")
-)
+CONTINUOUS_BATCHING_SUPPORTED = protects_continuous_batching(str(TRANSFORMERS_VERSION))
 
 LONGROPE_INIT_HAS_SHORT_FACTORS = Version("4.45") <= TRANSFORMERS_VERSION
 """4.44's longrope init gives these models the long factors at every length: there is no switch to test."""
