@@ -26,6 +26,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -33,10 +34,14 @@ from pathlib import Path
 import torch
 import torch.utils._python_dispatch
 
-import patches
+
+# Run as `python scripts/benchmark.py` from the repository root, with or without make: the packages are there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import patches  # noqa: E402
 import transformers
-from patches.reference import LOGITS_TO_KEEP_ARGUMENT
-from patches.tiny_models import (
+from patches.reference import LOGITS_TO_KEEP_ARGUMENT  # noqa: E402
+from patches.tiny_models import (  # noqa: E402
     PHI3_MINI_128K_SHAPE,
     PHI3_MINI_SWITCH_POINT,
     SWITCH_POINT,
@@ -279,10 +284,9 @@ def bench_continuous_batching(model, args) -> dict:
     requests: none reaching the switch, and half crossing it while decoding (each prefilled again, patched); and the
     cost of that prefill: one crossing request, patched minus unpatched, against a plain prefill of its length.
     """
-    from patches.coverage import CONTINUOUS_BATCHING_FROM
+    from patches.coverage import CONTINUOUS_BATCHING_FROM, protects_continuous_batching
 
-    release = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-    if release < tuple(int(part) for part in CONTINUOUS_BATCHING_FROM.split(".")):
+    if not protects_continuous_batching(transformers.__version__):
         return {"skipped": f"the patches protect continuous batching from transformers {CONTINUOUS_BATCHING_FROM}"}
     switch, new_tokens = args.switch_point, args.switch_point // 16
     vocab = model.config.vocab_size

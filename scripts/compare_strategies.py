@@ -19,13 +19,18 @@ per step, a CSV per layer and, when matplotlib is installed, a PNG.
 
 import argparse
 import csv
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-import patches
-from patches.tiny_models import SWITCH_POINT, new_cache, random_tokens, tiny_phi3_config, tiny_phi3_model
+
+# Run as `python scripts/compare_strategies.py` from the repository root, with or without make: the packages are there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import patches  # noqa: E402
+from patches.tiny_models import SWITCH_POINT, new_cache, random_tokens, tiny_phi3_config, tiny_phi3_model  # noqa: E402
 from transformers import Phi3ForCausalLM
 
 

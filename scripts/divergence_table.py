@@ -17,14 +17,19 @@ Prints the table, writes a CSV and, when matplotlib is installed, a PNG (error b
 
 import argparse
 import csv
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from patches.reference import first_token_divergence
-from patches.tiny_models import TINY_DECODER, TRANSFORMERS_VERSION
+
+# Run as `python scripts/divergence_table.py` from the repository root, with or without make: the packages are there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from patches.reference import first_token_divergence  # noqa: E402
+from patches.tiny_models import TINY_DECODER, TRANSFORMERS_VERSION  # noqa: E402
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,

@@ -8,13 +8,19 @@ the cached decoding and a forward pass without cache over the same tokens, unpat
 """
 
 import argparse
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-import patches
-from patches.reference import CACHE_KEYWORD, FP32_TOLERANCE, generate_errors, hand_written_loop_errors
-from patches.tiny_models import SWITCH_POINT, random_tokens, tiny_phi3_model
+
+# Run as `python scripts/reproduce.py` from the repository root, with or without make: the packages are there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import patches  # noqa: E402
+from patches.reference import CACHE_KEYWORD, FP32_TOLERANCE, generate_errors, hand_written_loop_errors  # noqa: E402
+from patches.tiny_models import SWITCH_POINT, random_tokens, tiny_phi3_model  # noqa: E402
 from transformers import StaticCache
 from transformers.utils import logging
 
