@@ -10,7 +10,7 @@ TRANSFORMERS_VERSION ?= $(shell $(PYTHON) -c "import runpy; print(runpy.run_path
 INSTALLED := $(VENV)/.installed-torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo check compare-strategies divergence diff bench test test-matrix test-slow style quality
+.PHONY: install demo check check-releases compare-strategies divergence diff bench test test-matrix test-slow style quality
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ test: install
 MATRIX_RELEASES ?=
 test-matrix: install
 	$(PY) scripts/test_matrix.py --torch-version $(TORCH_VERSION) $(if $(MATRIX_RELEASES),--releases $(MATRIX_RELEASES))
+
+# `python -m patches check` on every release the range admits (patches.coverage.SELF_CHECKED_RELEASES), each in an
+# environment of its own under .matrix/ holding transformers alone (torch shared). CHECK_RELEASES="4.45.2" some only.
+CHECK_RELEASES ?=
+check-releases: install
+	$(PY) scripts/test_matrix.py --self-check --torch-version $(TORCH_VERSION) $(if $(CHECK_RELEASES),--releases $(CHECK_RELEASES))
 
 # Real sizes, GPUs and local checkpoints (tests marked @slow).
 test-slow: install

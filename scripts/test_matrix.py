@@ -3,12 +3,15 @@ Runs the test suite against every transformers release the patches support, each
 
     python scripts/test_matrix.py                      # every release in patches.coverage.TESTED_VERSIONS
     python scripts/test_matrix.py --releases 4.44.2 5.23.0
+    python scripts/test_matrix.py --self-check         # `python -m patches check` on every release the range admits
 
 Each release gets a virtual environment under `.matrix/transformers-<release>/` with that transformers release, its
 own dependencies and the test tools. PyTorch is installed once, into `.matrix/torch-<version>/`, and shared by every
 environment through a `.pth` file, so the large wheel is neither downloaded nor unpacked once per release. An
 environment that is already complete is reused. At the end a release x result table is printed; the exit status is
-non-zero if any release failed.
+non-zero if any release failed. With `--self-check`, the environments (`.matrix/check-<release>/`) hold transformers
+alone, and each runs the self-check instead of the suite: the proof for the releases of
+`patches.coverage.SELF_CHECKED_RELEASES` that the suite does not run on.
 """
 
 import argparse
@@ -18,13 +21,14 @@ import sys
 import time
 import venv
 import xml.etree.ElementTree as ElementTree
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from patches.coverage import TESTED_VERSIONS  # noqa: E402
+from patches.coverage import SELF_CHECKED_RELEASES, TESTED_VERSIONS  # noqa: E402
 
 
 DEV_REQUIREMENTS = REPO_ROOT / "requirements-dev.txt"
@@ -46,13 +50,14 @@ def shared_torch(matrix_dir: Path, torch_version: str) -> Path:
     return target
 
 
-def release_environment(matrix_dir: Path, release: str, torch_dir: Path) -> Path:
+def release_environment(matrix_dir: Path, release: str, torch_dir: Path, with_test_tools: bool = True) -> Path:
     """Creates (or reuses) the virtual environment of one transformers release and returns its Python."""
-    environment = matrix_dir / f"transformers-{release}"
+    environment = matrix_dir / (f"transformers-{release}" if with_test_tools else f"check-{release}")
     python = environment / "bin" / "python"
     marker = environment / ".complete"
+    requirements = ["-r", str(DEV_REQUIREMENTS)] if with_test_tools else []
     # An environment made with other requirements is made again
-    wanted = f"transformers=={release}\n{DEV_REQUIREMENTS.read_text(encoding='utf-8')}"
+    wanted = f"transformers=={release}\n{DEV_REQUIREMENTS.read_text(encoding='utf-8') if with_test_tools else ''}"
     if not marker.exists() or marker.read_text(encoding="utf-8") != wanted:
         venv.EnvBuilder(clear=True, with_pip=True).create(environment)
         site_packages = subprocess.run(
@@ -63,7 +68,7 @@ def release_environment(matrix_dir: Path, release: str, torch_dir: Path) -> Path
         ).stdout.strip()
         # Shares the one torch installation; the release's own packages, installed below, come first on sys.path
         Path(site_packages, "shared-torch.pth").write_text(f"{torch_dir}\n", encoding="utf-8")
-        run([str(python), "-m", "pip", "install", "--quiet", f"transformers=={release}", "-r", str(DEV_REQUIREMENTS)])
+        run([str(python), "-m", "pip", "install", "--quiet", f"transformers=={release}", *requirements])
         marker.write_text(wanted, encoding="utf-8")
     return python
 
@@ -77,43 +82,89 @@ def test_counts(junit_xml: Path) -> dict[str, int]:
     return {"passed": tests - failures - errors - skipped, "failed": failures + errors, "skipped": skipped}
 
 
+def run_suite(python: Path, release: str, matrix_dir: Path, pytest_args: list[str]) -> tuple[int, str]:
+    """The test suite in one release's environment: its exit status and its counts."""
+    junit_xml = matrix_dir / f"results-{release}.xml"
+    junit_xml.unlink(missing_ok=True)
+    print(f"\n=== transformers {release} ===", flush=True)
+    completed = subprocess.run(
+        [str(python), "-m", "pytest", "tests", "-q", f"--junitxml={junit_xml}", *pytest_args],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+    )
+    counts = test_counts(junit_xml)
+    return completed.returncode, f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+
+
+def run_self_check(python: Path, release: str, matrix_dir: Path) -> tuple[int, str]:
+    """`python -m patches check` in one release's environment (its output kept in `.matrix/check-<release>.log`):
+    its exit status and the families `apply()` leaves out there."""
+    print(f"\n=== transformers {release}: python -m patches check ===", flush=True)
+    log = matrix_dir / f"check-{release}.log"
+    with log.open("w", encoding="utf-8") as output:
+        completed = subprocess.run(
+            [str(python), "-m", "patches", "check"],
+            cwd=REPO_ROOT,
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    lines = log.read_text(encoding="utf-8").splitlines()
+    print("\n".join(lines[-3:]), flush=True)
+    left_out = [line.split("|")[1].strip() for line in lines if "| left out by apply()" in line]
+    return completed.returncode, f"left out: {', '.join(left_out)}" if left_out else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--releases", nargs="+", default=list(TESTED_VERSIONS), help="transformers releases to test")
+    parser.add_argument(
+        "--releases",
+        nargs="+",
+        help="transformers releases (default: TESTED_VERSIONS, or with --self-check SELF_CHECKED_RELEASES)",
+    )
+    parser.add_argument("--self-check", action="store_true", help="run `python -m patches check`, not the suite")
     parser.add_argument("--torch-version", default="2.13.0", help="torch release shared by every environment")
     parser.add_argument("--matrix-dir", type=Path, default=REPO_ROOT / ".matrix", help="where the environments live")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
+    releases = args.releases or list(SELF_CHECKED_RELEASES if args.self_check else TESTED_VERSIONS)
 
     args.matrix_dir.mkdir(exist_ok=True)
     torch_dir = shared_torch(args.matrix_dir, args.torch_version)
     results = []
-    for release in args.releases:
-        started = time.monotonic()
-        python = release_environment(args.matrix_dir, release, torch_dir)
-        install_seconds = time.monotonic() - started
-        junit_xml = args.matrix_dir / f"results-{release}.xml"
-        junit_xml.unlink(missing_ok=True)
-        environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-        started = time.monotonic()
-        print(f"\n=== transformers {release} ===", flush=True)
-        completed = subprocess.run(
-            [str(python), "-m", "pytest", "tests", "-q", f"--junitxml={junit_xml}", *args.pytest_args],
-            cwd=REPO_ROOT,
-            env=environment,
-        )
-        counts = test_counts(junit_xml)
-        results.append((release, completed.returncode, counts, install_seconds, time.monotonic() - started))
+    # The environments are made one after another in a thread, ahead of the runs: pip waits mostly on the network and
+    # the disk while a run keeps the cores busy
+    with ThreadPoolExecutor(max_workers=1) as installer:
+        environments = [
+            installer.submit(timed, release_environment, args.matrix_dir, release, torch_dir, not args.self_check)
+            for release in releases
+        ]
+        for release, environment in zip(releases, environments):
+            python, install_seconds = environment.result()
+            results.append((release, *run_one(args, python, release), install_seconds))
 
-    print("\n| transformers | result | passed | failed | skipped | set-up (s) | tests (s) |")
-    print("|---|---|---|---|---|---|---|")
-    for release, returncode, counts, install_seconds, test_seconds in results:
-        result = "ok" if returncode == 0 else f"FAILED (exit {returncode})"
-        print(
-            f"| {release} | {result} | {counts['passed']} | {counts['failed']} | {counts['skipped']} "
-            f"| {install_seconds:.0f} | {test_seconds:.0f} |"
-        )
+    print(f"\n| transformers | {'self-check' if args.self_check else 'suite'} | | set-up (s) | run (s) |")
+    print("|---|---|---|---|---|")
+    for release, returncode, summary, run_seconds, install_seconds in results:
+        result = "passed" if returncode == 0 else f"FAILED (exit {returncode})"
+        print(f"| {release} | {result} | {summary} | {install_seconds:.0f} | {run_seconds:.0f} |")
     return 0 if all(returncode == 0 for _, returncode, *_ in results) else 1
+
+
+def timed(function, *args):
+    """`function(*args)` and the seconds it took."""
+    started = time.monotonic()
+    return function(*args), time.monotonic() - started
+
+
+def run_one(args, python: Path, release: str) -> tuple[int, str, float]:
+    """The suite or the self-check in one release's environment: exit status, summary and seconds."""
+    started = time.monotonic()
+    if args.self_check:
+        returncode, summary = run_self_check(python, release, args.matrix_dir)
+    else:
+        returncode, summary = run_suite(python, release, args.matrix_dir, args.pytest_args)
+    return returncode, summary, time.monotonic() - started
 
 
 if __name__ == "__main__":
