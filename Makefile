@@ -56,20 +56,28 @@ bench: install
 check: install
 	$(PY) -m patches check
 
+# The suite on every core: one pytest-xdist worker per core, each on one thread (the tests that measure threads set
+# them), a test class kept on one worker. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
+PYTEST_WORKERS := -n $(TEST_WORKERS) --dist loadscope
 test: install
-	$(PY) -m pytest tests -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q $(PYTEST_WORKERS)
 
 # The suite on every supported transformers era, each in its own environment under .matrix/ (torch shared).
 # MATRIX_RELEASES="4.44.2 5.23.0" runs some of them only.
 MATRIX_RELEASES ?=
 test-matrix: install
-	$(PY) scripts/test_matrix.py --torch-version $(TORCH_VERSION) $(if $(MATRIX_RELEASES),--releases $(MATRIX_RELEASES))
+	OMP_NUM_THREADS=1 $(PY) scripts/test_matrix.py --torch-version $(TORCH_VERSION) \
+		$(if $(MATRIX_RELEASES),--releases $(MATRIX_RELEASES)) -- $(PYTEST_WORKERS)
 
 # `python -m patches check` on every release the range admits (patches.coverage.SELF_CHECKED_RELEASES), each in an
 # environment of its own under .matrix/ holding transformers alone (torch shared). CHECK_RELEASES="4.45.2" some only.
+# CHECK_JOBS of them at once, one per core by default.
 CHECK_RELEASES ?=
+CHECK_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 check-releases: install
-	$(PY) scripts/test_matrix.py --self-check --torch-version $(TORCH_VERSION) $(if $(CHECK_RELEASES),--releases $(CHECK_RELEASES))
+	$(PY) scripts/test_matrix.py --self-check --jobs $(CHECK_JOBS) --torch-version $(TORCH_VERSION) \
+		$(if $(CHECK_RELEASES),--releases $(CHECK_RELEASES))
 
 # Real sizes, GPUs and local checkpoints (tests marked @slow).
 test-slow: install

@@ -50,8 +50,10 @@ def shared_torch(matrix_dir: Path, torch_version: str) -> Path:
     return target
 
 
-def release_environment(matrix_dir: Path, release: str, torch_dir: Path, with_test_tools: bool = True) -> Path:
-    """Creates (or reuses) the virtual environment of one transformers release and returns its Python."""
+def release_environment(
+    matrix_dir: Path, release: str, torch_dir: Path, with_test_tools: bool = True
+) -> tuple[Path, str]:
+    """Creates (or reuses) the virtual environment of one transformers release; returns its Python and the release."""
     environment = matrix_dir / (f"transformers-{release}" if with_test_tools else f"check-{release}")
     python = environment / "bin" / "python"
     marker = environment / ".complete"
@@ -70,7 +72,7 @@ def release_environment(matrix_dir: Path, release: str, torch_dir: Path, with_te
         Path(site_packages, "shared-torch.pth").write_text(f"{torch_dir}\n", encoding="utf-8")
         run([str(python), "-m", "pip", "install", "--quiet", f"transformers=={release}", *requirements])
         marker.write_text(wanted, encoding="utf-8")
-    return python
+    return python, release
 
 
 def test_counts(junit_xml: Path) -> dict[str, int]:
@@ -96,21 +98,26 @@ def run_suite(python: Path, release: str, matrix_dir: Path, pytest_args: list[st
     return completed.returncode, f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
 
 
-def run_self_check(python: Path, release: str, matrix_dir: Path) -> tuple[int, str]:
+def run_self_check(python: Path, release: str, matrix_dir: Path, jobs: int) -> tuple[int, str]:
     """`python -m patches check` in one release's environment (its output kept in `.matrix/check-<release>.log`):
-    its exit status and the families `apply()` leaves out there."""
-    print(f"\n=== transformers {release}: python -m patches check ===", flush=True)
+    its exit status and the families `apply()` leaves out there. With several at once, each gets one thread: the tiny
+    models are too small to gain from more, and the runs would contend for the cores."""
     log = matrix_dir / f"check-{release}.log"
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    if jobs > 1:
+        environment["OMP_NUM_THREADS"] = "1"
     with log.open("w", encoding="utf-8") as output:
         completed = subprocess.run(
             [str(python), "-m", "patches", "check"],
             cwd=REPO_ROOT,
-            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            env=environment,
             stdout=output,
             stderr=subprocess.STDOUT,
         )
     lines = log.read_text(encoding="utf-8").splitlines()
-    print("\n".join(lines[-3:]), flush=True)
+    # Printed whole, at once (runs at the same time do not interleave their lines): failed, or its last lines
+    shown = lines if completed.returncode != 0 else lines[-3:]
+    print("\n".join([f"\n=== transformers {release}: python -m patches check ===", *shown]), flush=True)
     left_out = [line.split("|")[1].strip() for line in lines if "| left out by apply()" in line]
     return completed.returncode, f"left out: {', '.join(left_out)}" if left_out else ""
 
@@ -125,23 +132,26 @@ def main() -> int:
     parser.add_argument("--self-check", action="store_true", help="run `python -m patches check`, not the suite")
     parser.add_argument("--torch-version", default="2.13.0", help="torch release shared by every environment")
     parser.add_argument("--matrix-dir", type=Path, default=REPO_ROOT / ".matrix", help="where the environments live")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="self-checks run at once, each on one thread (with --self-check only)"
+    )
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
     releases = args.releases or list(SELF_CHECKED_RELEASES if args.self_check else TESTED_VERSIONS)
+    if args.jobs < 1 or (args.jobs > 1 and not args.self_check):
+        parser.error(f"--jobs {args.jobs}: a number of self-checks from 1 (with --self-check; a suite takes -n)")
 
     args.matrix_dir.mkdir(exist_ok=True)
     torch_dir = shared_torch(args.matrix_dir, args.torch_version)
-    results = []
     # The environments are made one after another in a thread, ahead of the runs: pip waits mostly on the network and
     # the disk while a run keeps the cores busy
-    with ThreadPoolExecutor(max_workers=1) as installer:
+    with ThreadPoolExecutor(max_workers=1) as installer, ThreadPoolExecutor(max_workers=args.jobs) as runner:
         environments = [
             installer.submit(timed, release_environment, args.matrix_dir, release, torch_dir, not args.self_check)
             for release in releases
         ]
-        for release, environment in zip(releases, environments):
-            python, install_seconds = environment.result()
-            results.append((release, *run_one(args, python, release), install_seconds))
+        runs = [runner.submit(run_one, args, environment) for environment in environments]
+        results = [(release, *run.result()) for release, run in zip(releases, runs)]
 
     print(f"\n| transformers | {'self-check' if args.self_check else 'suite'} | | set-up (s) | run (s) |")
     print("|---|---|---|---|---|")
@@ -157,14 +167,16 @@ def timed(function, *args):
     return function(*args), time.monotonic() - started
 
 
-def run_one(args, python: Path, release: str) -> tuple[int, str, float]:
-    """The suite or the self-check in one release's environment: exit status, summary and seconds."""
+def run_one(args, environment) -> tuple[int, str, float, float]:
+    """The suite or the self-check in one release's environment, once it is made: exit status, summary, seconds of
+    the run and of the set-up."""
+    (python, release), install_seconds = environment.result()
     started = time.monotonic()
     if args.self_check:
-        returncode, summary = run_self_check(python, release, args.matrix_dir)
+        returncode, summary = run_self_check(python, release, args.matrix_dir, args.jobs)
     else:
         returncode, summary = run_suite(python, release, args.matrix_dir, args.pytest_args)
-    return returncode, summary, time.monotonic() - started
+    return returncode, summary, time.monotonic() - started, install_seconds
 
 
 if __name__ == "__main__":
