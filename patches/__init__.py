@@ -18,7 +18,6 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
-from modeling_overrides.integrations.consistent_decoding import ConsistentDecodingCompileError
 from modeling_overrides.rope_cache_utils import (
     DEFAULT_STALE_CACHE_POLICIES,
     STALE_CACHE_POLICIES,
@@ -31,6 +30,7 @@ from modeling_overrides.rope_cache_utils import (
 
 from . import versions
 from .binding import Binding, original_attribute
+from .consistent_decoding import ConsistentDecodingCompileError
 from .coverage import CONSISTENT_DECODING, CONTINUOUS_BATCHING
 from .hooks import rebind_all_hooked_forwards
 
@@ -132,7 +132,7 @@ class ConsistentDecodingUnavailableError(RuntimeError):
 
 def _verify_consistent_kernels() -> None:
     """Refuses consistent decoding where this machine's kernels are not row-invariant (checked once per thread count)."""
-    from modeling_overrides.integrations.consistent_decoding import RowInvarianceError, verify_kernels
+    from .consistent_decoding import RowInvarianceError, verify_kernels
 
     try:
         verify_kernels()

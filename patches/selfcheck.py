@@ -328,7 +328,7 @@ def _check_consistent_kernels() -> PathResult:
     family, path = "consistent decoding", f"row-invariant kernels ({torch.get_num_threads()} threads)"
     if not consistent_decoding_bindings():
         return PathResult(family, path, "skipped", "consistent decoding needs transformers 4.48 or later")
-    from modeling_overrides.integrations import consistent_decoding
+    from . import consistent_decoding
 
     try:
         consistent_decoding.verify_kernels()

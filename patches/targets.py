@@ -14,7 +14,8 @@ only addition is dropping the cache at the switch).
 
 With `consistent=True`, `consistent_decoding_bindings` also replaces `torch.nn.Linear.forward`, the `forward` of the
 SiLU classes `ACT2FN` builds, and, in the modeling modules of the models marked `consistent`,
-`eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module attributes).
+`eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module attributes), with the row-invariant code of
+`patches/consistent_decoding.py` (a feature of the patches only, so not in `modeling_overrides`).
 """
 
 import dataclasses
@@ -640,7 +641,7 @@ EAGER_ATTENTION_PARAMETERS = ["module", "query", "key", "value", "attention_mask
 
 def _attention_functions_with_consistent_sdpa(original):
     """A copy of a modeling module's `ALL_ATTENTION_FUNCTIONS` whose `"sdpa"` is the consistent attention."""
-    from modeling_overrides.integrations.consistent_decoding import consistent_sdpa_attention_forward
+    from .consistent_decoding import consistent_sdpa_attention_forward
 
     if isinstance(original, dict):  # before 4.51
         return {**original, "sdpa": consistent_sdpa_attention_forward}
@@ -669,7 +670,7 @@ def consistent_decoding_bindings() -> list[Binding]:
     4.48).
     """
 
-    from modeling_overrides.integrations import consistent_decoding
+    from . import consistent_decoding
 
     bindings = []
     for module_name in (name for name, model in MODELS.items() if model.consistent):
@@ -702,7 +703,7 @@ def consistent_decoding_bindings() -> list[Binding]:
             name="torch.nn.Linear.forward",
             owner=torch.nn.Linear,
             attribute="forward",
-            replacement=lambda original: consistent_decoding.Linear.forward,
+            replacement=lambda original: consistent_decoding.RowInvariantLinear.forward,
             check=expect_parameters(["self", "input"]),
         )
     )
@@ -712,7 +713,7 @@ def consistent_decoding_bindings() -> list[Binding]:
                 name=f"{silu_class.__module__}.{silu_class.__name__}.forward",
                 owner=silu_class,
                 attribute="forward",
-                replacement=lambda original: consistent_decoding.SiLU.forward,
+                replacement=lambda original: consistent_decoding.RowInvariantSiLU.forward,
                 check=expect_parameters(["self", "input"]),
             )
         )

@@ -517,7 +517,7 @@ def bench_decode_step_attention(model, args) -> dict:
     The attention of one decode step alone, with the model's heads: consistent mode's function against
     `scaled_dot_product_attention` (what normal mode runs), and the operations of each (views aside).
     """
-    from modeling_overrides.integrations.consistent_decoding import consistent_sdpa_attention_forward
+    from patches.consistent_decoding import consistent_sdpa_attention_forward
 
     config, dtype = model.config, next(model.parameters()).dtype
     head_dim = config.hidden_size // config.num_attention_heads

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import patches
-from modeling_overrides.integrations import consistent_decoding
+from patches import consistent_decoding
 from patches.coverage import NEWEST_TESTED_VERSION
 from patches.tiny_models import tiny_llama_model, tiny_phi3_model
 from transformers.testing_utils import require_torch_accelerator, slow, torch_device

@@ -1,16 +1,3 @@
-# Copyright 2026 The HuggingFace Team. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
 """
 Batch-invariant linear layers, activation and attention: a token's result does not depend on how many other tokens
 were computed with it, so that a decode step through a KV cache gives bitwise the logits of the forward pass without
@@ -40,6 +27,9 @@ The rules that remove them, section by section below:
    blocks the forward pass without cache adds meet zeros.
 4. **Verification** (`verify_kernels`): the checks above on canonical shapes in fp32, bf16 and fp16, in about a
    second, run before consistent decoding is switched on.
+
+Consistent mode is a feature of the run-time patches only, not of the upstream pull request:
+`patches.apply(consistent=True)` binds these functions (`consistent_decoding_bindings` in `patches/targets.py`).
 """
 
 import threading
@@ -212,7 +202,14 @@ def row_invariant_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.
     return output.reshape(*input.shape[:-1], out_features)
 
 
-class Linear(nn.Linear):
+class RowInvariantLinear(nn.Linear):
+    """
+    Holds the `forward` that consistent mode binds onto `torch.nn.Linear` itself (so that every linear layer of the
+    process, whatever module builds it, computes each row as if it came alone); the patches never instantiate it.
+    It subclasses `nn.Linear` because that is the `self` its `forward` reads (`weight`, `bias`); the binding checks
+    only the signature of the `forward` it replaces.
+    """
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return row_invariant_linear(input, self.weight, self.bias)
 
@@ -229,7 +226,13 @@ def row_invariant_silu(input: torch.Tensor) -> torch.Tensor:
     return input / (1 + torch.exp(-input))
 
 
-class SiLU(nn.SiLU):
+class RowInvariantSiLU(nn.SiLU):
+    """
+    Holds the `forward` that consistent mode binds onto the SiLU classes `ACT2FN` builds (`torch.nn.SiLU`, and
+    `SiLUActivation` in 5.x); the patches never instantiate it. It subclasses `nn.SiLU`, the `self` its `forward`
+    is bound to; the binding checks only the signature of the `forward` it replaces.
+    """
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return row_invariant_silu(input)
 
@@ -357,7 +360,19 @@ def _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks
     return max(1, min(num_query_tiles, MAX_PASS_BYTES // (bytes_per_query * QUERY_TILE)))
 
 
-def _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights):
+def _consistent_attention(module, query, key, value, *, attention_mask, scaling, dropout, return_weights):
+    """
+    The attention both consistent forwards compute: `(batch, heads, queries, head_dim)` queries over
+    `(batch, kv_heads, keys, head_dim)` keys and values, with a boolean, additive or absent mask, returning the output
+    `(batch, queries, heads, head_dim)` in the queries' dtype and, if `return_weights`, the attention weights
+    `(batch, heads, queries, keys)`.
+
+    Every query meets the same kernels, in the same order of accumulation, whatever the number of queries and whether
+    its keys were cached: the queries are padded to whole `QUERY_TILE`s, the keys to at least one `KEY_BLOCK`, the
+    values cut into key blocks (see the module docstring, section 3). A long prefill is computed a few query tiles at
+    a time (`MAX_PASS_BYTES`), which changes no query's arithmetic. Raises `ConsistentDecodingCompileError` under
+    `torch.compile`.
+    """
     if torch.compiler.is_compiling():
         consistent_decoding_does_not_compile()
     batch_size, num_heads, query_length, head_dim = query.shape
@@ -428,7 +443,9 @@ def consistent_eager_attention_forward(
     it, nor on whether its keys were cached. Returns the attention weights (after dropout, as eager attention does);
     dropout applies while the module is training.
     """
-    return _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights=True)
+    return _consistent_attention(
+        module, query, key, value, attention_mask=attention_mask, scaling=scaling, dropout=dropout, return_weights=True
+    )
 
 
 def consistent_sdpa_attention_forward(
@@ -445,7 +462,16 @@ def consistent_sdpa_attention_forward(
     `sdpa_attention_forward`, batch-invariant (see `consistent_eager_attention_forward`). Like SDPA, returns no
     attention weights; a boolean, additive or absent mask is read as SDPA reads it.
     """
-    return _consistent_attention(module, query, key, value, attention_mask, scaling, dropout, return_weights=False)
+    return _consistent_attention(
+        module,
+        query,
+        key,
+        value,
+        attention_mask=attention_mask,
+        scaling=scaling,
+        dropout=dropout,
+        return_weights=False,
+    )
 
 
 # 4. Verification ------------------------------------------------------------------------------------------------------
@@ -486,7 +512,12 @@ short sequence, and the last queries of one over more than 32 key blocks (CUDA s
 
 
 def _check_attention(device, dtype) -> list[str]:
-    """Why a decode step's attention differs from the same query's in a forward pass over the sequence."""
+    """
+    Why a decode step's attention differs from the same query's in a forward pass over the sequence (empty when it
+    does not): for each of `ATTENTION_CHECKS`, the eager consistent attention of the forward pass's queries (keys and
+    values strided across heads, as projections leave them) against the SDPA one of a single query over contiguous
+    keys and values, as a cache holds them. The two forwards and the two layouts are the ones a model meets.
+    """
     generator = torch.Generator(device=device).manual_seed(0)
     batch_size, num_heads, num_key_value_heads, head_dim = 2, 8, 4, 64
     module = nn.Module().eval()
