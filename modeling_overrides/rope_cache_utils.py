@@ -154,7 +154,7 @@ def get_stale_cache_policy(rope_type: str) -> str:
     return _stale_cache_policies.get(rope_type, "ignore")
 
 
-def _enforced_stale_cache_policy(config) -> str | None:
+def enforced_stale_cache_policy(config) -> str | None:
     """
     The stale-cache policy to enforce on caches of a model with `config`, or `None` when they are not checked: its
     frequencies do not depend on the sequence length, its policy is `"ignore"`, or the call is being traced by
@@ -175,7 +175,7 @@ def _generation_stale_cache_policy(config) -> str | None:
     other policies govern the caches of hand-written loops. Dynamic NTK follows its policy in `generate()` too, since
     recomputing at every step past `max_position_embeddings` costs a prefill per generated token.
     """
-    policy = _enforced_stale_cache_policy(config)
+    policy = enforced_stale_cache_policy(config)
     if get_rope_type(config) == "longrope" and not is_torchdynamo_compiling() and policy != "raise":
         return "recompute"
     return policy
@@ -326,7 +326,7 @@ def _first_layer_length_counter(cache) -> torch.Tensor | None:
     return None
 
 
-def _cache_length(cache) -> int:
+def tokens_in_cache(cache) -> int:
     """The number of tokens `cache` holds, read from the device for caches that keep it there (static caches)."""
     cache_length = cache[0][0].shape[-2] if _is_legacy_cache(cache) else cache.get_seq_length()
     return int(cache_length) if isinstance(cache_length, torch.Tensor) else cache_length
@@ -626,7 +626,7 @@ class RopeCacheRecord:
         if counter is None and self.inputs_are_known and _is_view_of(self._key_state, keys):
             # Cropped back (a rollback, assisted decoding): it holds the first tokens fed, still in the regime they
             # were rotated in
-            cropped_length = _cache_length(cache)
+            cropped_length = tokens_in_cache(cache)
             if cropped_length <= self.length:
                 self.truncate(cropped_length)
                 self.remember(cache)
@@ -635,7 +635,7 @@ class RopeCacheRecord:
             cache_length = self.length
         else:
             # One synchronisation, only after the cache was changed outside the model
-            cache_length = _cache_length(cache)
+            cache_length = tokens_in_cache(cache)
 
         if cache_length == 0:
             self.restart(regime=None, chunks=[])
@@ -736,7 +736,7 @@ def _library_directories() -> tuple[str, ...]:
     )
 
 
-def _caller_stacklevel() -> int:
+def caller_stacklevel() -> int:
     """
     The `stacklevel` that makes a warning point at the caller's own line (their loop, their `generate()` call), past
     every frame of torch, transformers and this package, however deep the decorators and module calls nest.
@@ -760,7 +760,7 @@ def _warn_stale_cache(record: RopeCacheRecord, cache_length: int, new_length: in
         "keys and values are stale and the outputs will differ from a forward pass without cache. To recompute the "
         'cache exactly, use `stale_cache="recompute"`.',
         StaleRopeCacheWarning,
-        stacklevel=_caller_stacklevel(),
+        stacklevel=caller_stacklevel(),
     )
 
 
@@ -1012,7 +1012,7 @@ def prepare_rope_cache_update(
         A `RopeCacheUpdate` whose `model_inputs` are the arguments for the forward pass. Its `commit` must be called
         with the returned cache afterwards, and its `caller_outputs` gives the outputs of the caller's tokens.
     """
-    policy = _enforced_stale_cache_policy(config)
+    policy = enforced_stale_cache_policy(config)
     if policy is None:
         return RopeCacheUpdate.untracked(model_inputs)
     if past_key_values is None:
@@ -1195,7 +1195,7 @@ def _may_split(config, model_inputs: dict, past_key_values, logits_to_keep) -> b
     return not (
         past_key_values is None
         or model_inputs.get("labels") is not None
-        or _enforced_stale_cache_policy(config) in (None, "warn")
+        or enforced_stale_cache_policy(config) in (None, "warn")
         or not isinstance(logits_to_keep, int)
         or (attention_mask is not None and not _is_2d_attention_mask(attention_mask))
     )
@@ -1314,7 +1314,7 @@ def prepare_rope_cache_for_generation(
         # `forward` applies the other policies
         return None
     some_rows_unchanged = not all(_row_changes(record.regime, last_regime, input_ids.shape[0]))
-    if first_regime == last_regime and some_rows_unchanged and _enforced_stale_cache_policy(config) == "recompute":
+    if first_regime == last_regime and some_rows_unchanged and enforced_stale_cache_policy(config) == "recompute":
         # Some rows keep their frequencies: `forward` recomputes only the others, from the 2D attention mask (which it
         # does under `"recompute"` alone; under the other policies the whole batch is fed again, as below)
         return "rows"
@@ -1325,13 +1325,22 @@ def prepare_rope_cache_for_generation(
     return "sequence"
 
 
+def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """
+    The position of each token under a 2D attention mask (left padding): its index among the unmasked tokens of its
+    row, and 0 for padding, as upstream's `generate()` gives them (`GenerationMixin`'s position ids). The one place
+    the patches, their reference and their tests compute positions of a padded batch.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
 def _generation_positions(attention_mask, position_ids, length: int):
     """The positions `generate()` gives the first `length` tokens: explicit ones, or those of the attention mask."""
     if position_ids is not None and position_ids.shape[-1] >= length:
         return position_ids[..., :length]
     if _is_2d_attention_mask(attention_mask):
-        positions = attention_mask[:, :length].long().cumsum(-1) - 1
-        return positions.masked_fill_(attention_mask[:, :length] == 0, 1)
+        return positions_from_attention_mask(attention_mask[:, :length])
     return None
 
 
@@ -1392,7 +1401,7 @@ def check_rope_cache(model_forward=None, *, frequencies_per_row: bool = True):
     @wraps(model_forward)
     def wrapper(self, *args, **kwargs):
         kwargs.update(zip(parameter_names, args))
-        if _enforced_stale_cache_policy(self.config) is None or kwargs.get("use_cache") is False:
+        if enforced_stale_cache_policy(self.config) is None or kwargs.get("use_cache") is False:
             return model_forward(self, **kwargs)
 
         return_tuple = kwargs.get("return_dict") is False

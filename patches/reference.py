@@ -7,6 +7,7 @@ import inspect
 
 import torch
 
+from modeling_overrides.rope_cache_utils import positions_from_attention_mask
 from transformers import Phi3ForCausalLM
 
 from .tiny_models import SWITCH_POINT, new_cache, random_tokens, reset_dynamic_rope
@@ -39,7 +40,7 @@ def no_cache_logits(model, input_ids, attention_mask=None) -> torch.Tensor:
     reset_dynamic_rope(model)
     position_ids = None
     if attention_mask is not None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_from_attention_mask(attention_mask)
     outputs = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return outputs.logits[:, -1]
 
@@ -69,6 +70,19 @@ def hand_written_loop_errors(
             reference = no_cache_logits(model, input_ids[:, : start + offset + 1])
             errors.append((outputs.logits[:, offset] - reference).abs().max().item())
     return errors, cache
+
+
+@torch.no_grad()
+def decode_on_errors(model, tokens, cache, start: int, stop: int | None = None) -> list[float]:
+    """
+    Feeds `tokens[:, start:stop]` one at a time through `cache` (which holds the first `start`, a rolled-back cache
+    say) and returns the max |Δlogit| of each step against the no-cache reference.
+    """
+    errors = []
+    for index in range(start, tokens.shape[1] if stop is None else stop):
+        logits = model(tokens[:, index : index + 1], **{CACHE_KEYWORD: cache}, use_cache=True).logits[:, -1]
+        errors.append((logits - no_cache_logits(model, tokens[:, : index + 1])).abs().max().item())
+    return errors
 
 
 def left_padded_batch(padding: int, pad_token_id: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:

@@ -13,23 +13,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from packaging.version import Version
 
-from .coverage import MODELS, protects_continuous_batching
-from .reference import (
-    CACHE_KEYWORD,
-    FP32_TOLERANCE,
-    continuous_batching_errors,
-    generate_errors,
-    hand_written_loop_errors,
-    left_padded_generate_row_errors,
-    no_cache_logits,
-)
+from .coverage import MODELS
+from .decoding_paths import decoding_paths
+from .reference import FP32_TOLERANCE
 from .tiny_models import (
     SWITCH_POINT,
     TRANSFORMERS_VERSION,
-    new_cache,
-    random_tokens,
     reset_dynamic_rope,
     tiny_model,
     tiny_phi3_model,
@@ -108,92 +98,6 @@ class PathResult:
     path: str
     status: str  # "ok", "FAILED" or "skipped"
     detail: str
-
-
-def _loop(cache_kind: str | None, chunk_size: int = 1, cache_keyword: str = CACHE_KEYWORD):
-    def measure(model):
-        cache = new_cache(cache_kind, model.config) if cache_kind is not None else None
-        tokens = random_tokens(SWITCH_POINT + 6)
-        return hand_written_loop_errors(model, tokens, SWITCH_POINT - 4, cache, chunk_size, cache_keyword)[0]
-
-    return measure
-
-
-def _cropped_back(model):
-    """Decodes past the switch, crops the cache back below it (a rollback), and decodes on."""
-    tokens = random_tokens(SWITCH_POINT + 6)
-    cache = new_cache("dynamic", model.config)
-    errors, cache = hand_written_loop_errors(model, tokens, SWITCH_POINT - 4, cache)
-    cache.crop(SWITCH_POINT - 6 - cache.get_seq_length())  # by the count of tokens removed, as every release takes
-    return errors + _decode_on(model, tokens, cache, SWITCH_POINT - 6)
-
-
-def _decode_on(model, tokens, cache, start: int) -> list[float]:
-    errors = []
-    for index in range(start, tokens.shape[1]):
-        logits = model(tokens[:, index : index + 1], **{CACHE_KEYWORD: cache}, use_cache=True).logits[:, -1]
-        errors.append((logits - no_cache_logits(model, tokens[:, : index + 1])).abs().max().item())
-    return errors
-
-
-def _generate(**generate_kwargs):
-    def measure(model):
-        torch.manual_seed(0)
-        prompt = random_tokens(SWITCH_POINT - 3)
-        return generate_errors(model, prompt, max_new_tokens=6, **generate_kwargs)[1]
-
-    return measure
-
-
-def _prompt_lookup(model):
-    half = random_tokens(SWITCH_POINT // 2 - 2)
-    prompt = torch.cat([half, half], dim=-1)
-    return generate_errors(model, prompt, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=4)[1]
-
-
-def _beam_search(model) -> list[float]:
-    # Beams are compared by their tokens: 0 when they are the beams of decoding without cache, inf otherwise
-    prompt = random_tokens(SWITCH_POINT - 3)
-    settings = {"max_new_tokens": 6, "num_beams": 2, "do_sample": False, "pad_token_id": 0}
-    same = torch.equal(model.generate(prompt, **settings), model.generate(prompt, use_cache=False, **settings))
-    return [0.0 if same else float("inf")]
-
-
-def _continuous_batching(model) -> list[float]:
-    # Packed requests that cross the switch, stay short and start long, each against itself decoded alone; the
-    # log-probabilities of their tokens (inf where the tokens differ)
-    lengths = (SWITCH_POINT - 4, 5, SWITCH_POINT + 6)
-    prompts = [random_tokens(length, seed=index)[0].tolist() for index, length in enumerate(lengths)]
-    settings = {"num_blocks": 32, "max_batch_tokens": 48, "page_size": 16}
-    return [error for _, error in continuous_batching_errors(model, prompts, max_new_tokens=6, **settings)]
-
-
-def checked_paths(family: CheckedFamily) -> dict[str, Callable | str]:
-    """Each decoding path across the switch: a measurement returning max |Δlogit| per step, or why it is skipped."""
-    paths = {
-        "loop, DynamicCache": _loop("dynamic"),
-        "loop, StaticCache": _loop("static"),
-        "loop, 3-token chunks": _loop("dynamic", chunk_size=3),
-        "loop, cache made by the model": _loop(None),
-        "loop, cropped back below the switch": _cropped_back,
-        "generate() greedy": _generate(do_sample=False),
-        "generate() sampling": _generate(do_sample=True, top_k=0),
-        "generate() beam search": _beam_search,
-        "generate() prompt lookup": _prompt_lookup,
-        "generate() left-padded batch": lambda model: left_padded_generate_row_errors(model, max_new_tokens=8),
-    }
-    if CACHE_KEYWORD == "cache":
-        paths["loop, deprecated past_key_values="] = _loop("dynamic", cache_keyword="past_key_values")
-    if protects_continuous_batching(str(TRANSFORMERS_VERSION)):
-        paths["generate_batch() packed requests"] = _continuous_batching
-    if not family.rows_are_rotated_alone:
-        paths["generate() left-padded batch"] = "this release rotates the batch with one factor set, as upstream"
-    if Version("4.46") > TRANSFORMERS_VERSION:
-        # Measured with the default RoPE, unpatched: max |Δlogit| 5.5 on 4.45.2
-        paths["generate() prompt lookup"] = (
-            "before 4.46 prompt lookup reports logits that do not line up with the tokens, whatever the RoPE"
-        )
-    return paths
 
 
 def _measure(model, measure) -> tuple[str, str]:
@@ -304,7 +208,7 @@ def _check_families(force: bool, progress: Callable[[str], None] | None, skipped
                     results.append(PathResult(family.name, "every path", "skipped", reason))
                     continue
                 model.generation_config.pad_token_id = 0
-                for path, measure in checked_paths(family).items():
+                for path, measure in decoding_paths(family.rows_are_rotated_alone).items():
                     started = time.monotonic()
                     if isinstance(measure, str):
                         result = PathResult(family.name, path, "skipped", measure)

@@ -16,10 +16,10 @@ from modeling_overrides.rope_cache_utils import (
     CACHE_ARGUMENT_NAMES,
     StaleRopeCacheError,
     StaleRopeCacheWarning,
-    _cache_length,
-    _caller_stacklevel,
-    _enforced_stale_cache_policy,
+    caller_stacklevel,
+    enforced_stale_cache_policy,
     rope_frequency_regime,
+    tokens_in_cache,
 )
 
 
@@ -56,7 +56,7 @@ def warn_across_rope_switch(decoder_forward, family: str, reason: str):
 
     @functools.wraps(decoder_forward)
     def guarded_forward(self, *args, **kwargs):
-        policy = _enforced_stale_cache_policy(self.config)
+        policy = enforced_stale_cache_policy(self.config)
         if policy is not None:
             try:
                 arguments = signature.bind(self, *args, **kwargs).arguments
@@ -64,7 +64,7 @@ def warn_across_rope_switch(decoder_forward, family: str, reason: str):
                 arguments = {}
             arguments = {**arguments, **arguments.get("kwargs", {})}
             cache = _passed_cache(arguments)
-            cached = _cache_length(cache) if cache is not None else 0
+            cached = tokens_in_cache(cache) if cache is not None else 0
             if cached > 0:
                 total = cached + _new_token_count(arguments)
                 regime, new_regime = (
@@ -77,7 +77,7 @@ def warn_across_rope_switch(decoder_forward, family: str, reason: str):
                         raise StaleRopeCacheError(message)
                     if not getattr(self, "_unprotected_rope_cache_warned", False):
                         self._unprotected_rope_cache_warned = True
-                        warnings.warn(message, StaleRopeCacheWarning, stacklevel=_caller_stacklevel())
+                        warnings.warn(message, StaleRopeCacheWarning, stacklevel=caller_stacklevel())
         return decoder_forward(self, *args, **kwargs)
 
     return guarded_forward

@@ -10,7 +10,7 @@ import torch
 from packaging.version import Version
 
 import patches
-from modeling_overrides.rope_cache_utils import rope_frequency_regime
+from modeling_overrides.rope_cache_utils import positions_from_attention_mask, rope_frequency_regime
 from patches.reference import (  # noqa: F401
     CACHE_KEYWORD,
     FP32_TOLERANCE,
@@ -136,7 +136,7 @@ def bitwise_mismatches(model, input_ids, prompt_length: int, attention_mask=None
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_attention_mask(attention_mask)
     cache = past_key_values if past_key_values is not None else new_cache("dynamic", model.config)
 
     def inputs(start: int, end: int) -> dict:

@@ -10,7 +10,7 @@ import torch
 from parameterized import parameterized
 
 import patches
-from patches.reference import CACHE_KEYWORD, FP32_TOLERANCE, no_cache_logits
+from patches.reference import CACHE_KEYWORD, FP32_TOLERANCE, decode_on_errors
 from patches.tiny_models import SWITCH_POINT, new_cache, random_tokens, tiny_phi3_model, tiny_standard_model
 
 
@@ -19,11 +19,7 @@ TOKENS = random_tokens(SWITCH_POINT + 8)
 
 def decode(model, cache, start: int, stop: int) -> list[float]:
     """Feeds `TOKENS[:, start:stop]` one at a time through `cache`: max |Δlogit| of each step against no cache."""
-    errors = []
-    for index in range(start, stop):
-        logits = model(TOKENS[:, index : index + 1], **{CACHE_KEYWORD: cache}, use_cache=True).logits[:, -1]
-        errors.append((logits - no_cache_logits(model, TOKENS[:, : index + 1])).abs().max().item())
-    return errors
+    return decode_on_errors(model, TOKENS, cache, start, stop)
 
 
 def prefilled(model, length: int):

@@ -294,7 +294,7 @@ class Phi3LongRopeCacheTest(unittest.TestCase):
         cache = new_cache("dynamic", self.model.config)
         sequences, step_logits = prompt, []
         with torch.no_grad():
-            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            positions = rope_cache_utils.positions_from_attention_mask(attention_mask)
             outputs = self.model(prompt, attention_mask=attention_mask, position_ids=positions, past_key_values=cache)
             for _ in range(12):
                 step_logits.append(outputs.logits[:, -1])
