@@ -10,7 +10,7 @@ TRANSFORMERS_VERSION ?= $(shell $(PYTHON) -c "import runpy; print(runpy.run_path
 INSTALLED := $(VENV)/.installed-torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo check check-releases compare-strategies divergence diff bench test test-matrix test-slow style quality
+.PHONY: install demo check check-releases compare-strategies divergence diff bench profile test test-matrix test-slow style quality
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) scripts/benchmark.py $(BENCH_ARGS) --output-dir out/bench
+
+# What a decode step runs, normal and consistent mode: the operators it spends its time in (torch.profiler) and its
+# operations at a 4k context, views aside, on the bench's model; a table and JSON under out/profile/. On a GPU:
+# make profile PROFILE_ARGS="--device cuda"
+PROFILE_ARGS ?=
+profile: install
+	$(PY) scripts/profile_decoding.py $(PROFILE_ARGS) --output-dir out/profile
 
 # After upgrading transformers: every covered model and decoding path across the switch, patched, in seconds
 check: install

@@ -2,17 +2,11 @@
 What the patches cost, measured side by side in one process on a random-weight longrope Phi-3 (no downloads).
 
 Every figure is a median over repeated runs after warm-up, with the min and max; each ratio divides two medians
-taken in the same run, the two sides alternating so that drifts of the machine fall on both:
-
-- decode step, patched / unpatched, far from the switch (the bookkeeping of an ordinary step);
-- the step that crosses the switch with `stale_cache="recompute"`, divided by a plain prefill of the same length
-  (one prefill is the physical limit of an exact recompute), and with `"rerotate"`;
-- `generate()` across the switch, patched / unpatched, in tokens per second;
-- a left-padded batch of 8 whose rows cross at 8 different steps: recomputing the crossing rows only, versus
-  recomputing the whole batch whenever a row crosses;
-- `consistent=True` against normal mode: prefill, decode step, whole generation; what dominates a decode step in
-  each mode (profiled), and the operations (kernel launches on a GPU) of one decode step at a 4k context;
-- the switch cost for several prefix lengths (a model per switch point, same weights): a table and a PNG.
+taken in the same run, the two sides alternating so that drifts of the machine fall on both. What is measured is
+the table of sections at the end (`SECTIONS`, listed by `--help`): each names what it measures, the function that
+measures it, its rows of the cost table and their targets. Consistent mode's section also reports what dominates a
+decode step in each mode and the operations of one at a 4k context, measured by `scripts/profile_decoding.py`
+(`make profile` runs it alone).
 
 Prints the tables and writes `bench.json` (and `switch_cost.png` when matplotlib is installed) to `--output-dir`.
 
@@ -22,17 +16,16 @@ Prints the tables and writes `bench.json` (and `switch_cost.png` when matplotlib
 
 import argparse
 import contextlib
-import copy
 import json
-import platform
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.utils._python_dispatch
 
 
 # Run as `python scripts/benchmark.py` from the repository root, with or without make: the packages are there
@@ -40,74 +33,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patches  # noqa: E402
 import transformers
+from modeling_overrides.rope_cache_utils import positions_from_attention_mask  # noqa: E402
+from patches.coverage import CONTINUOUS_BATCHING_FROM, protects_continuous_batching  # noqa: E402
 from patches.reference import LOGITS_TO_KEEP_ARGUMENT  # noqa: E402
-from patches.tiny_models import (  # noqa: E402
-    PHI3_MINI_128K_SHAPE,
-    PHI3_MINI_SWITCH_POINT,
-    SWITCH_POINT,
-    TINY_DECODER,
-    longrope_factor_profile,
-    new_cache,
-    random_tokens,
-    tiny_phi3_config,
+from patches.tiny_models import new_cache, random_tokens  # noqa: E402
+from scripts.bench_models import BENCH_MODELS, build_model, default_model, describe_run  # noqa: E402
+from scripts.profile_decoding import (  # noqa: E402
+    ATTENTION_CONTEXTS,
+    consistent_mode_unavailable,
+    count_decode_step_operations,
+    count_operations,
+    decode_inputs,
+    decode_step_attention,
+    prefilled_cache,
+    print_attention_operations,
+    print_decode_step_operations,
+    print_decode_step_profile,
+    profile_decode_steps,
 )
-from transformers import Phi3ForCausalLM
 
-
-MODEL_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-BENCH_MODELS = {
-    # Big enough that a step is real work on a CPU (about 34M parameters), switching after 512 tokens
-    "small-phi3": {
-        "vocab_size": 8192,
-        "hidden_size": 512,
-        "intermediate_size": 1376,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-        "switch_point": 512,
-        "dtype": "fp32",
-    },
-    # Phi-3-mini-128k's shape, random weights
-    "phi3-mini": {
-        **{name: PHI3_MINI_128K_SHAPE[name] for name in (*MODEL_SIZES, "num_key_value_heads")},
-        "switch_point": PHI3_MINI_SWITCH_POINT,
-        "dtype": "bf16",
-    },
-    # The test suite's size, to check the script itself in seconds
-    "tiny-phi3": {
-        **{name: TINY_DECODER[name] for name in (*MODEL_SIZES, "num_key_value_heads")},
-        "switch_point": SWITCH_POINT,
-        "dtype": "fp32",
-    },
-}
-"""Random-weight longrope Phi-3 models by name: config sizes, switch point (`original_max_position_embeddings`) and
-dtype."""
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 BATCH_SIZE = 8
 """Rows of the batch benchmark; row `i` crosses the switch at decode step `2 * i + 1`."""
-
-
-def build_model(name: str, switch_point: int, max_length: int, device: str, attention: str, seed: int = 0):
-    """A random-weight longrope Phi-3 of `BENCH_MODELS[name]`'s sizes, switching after `switch_point` tokens."""
-    sizes = dict(BENCH_MODELS[name])
-    sizes.pop("switch_point")
-    dtype = DTYPES[sizes.pop("dtype")]
-    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
-    config = tiny_phi3_config(
-        switch_point=switch_point,
-        longrope_factors=longrope_factor_profile(head_dim),
-        max_position_embeddings=max(4 * switch_point, max_length),
-        initializer_range=0.02,
-        attn_implementation=attention,
-        **sizes,
-    )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Phi3ForCausalLM(config)
-    return model.to(dtype).eval()
 
 
 def synchronize(device: str) -> None:
@@ -141,12 +88,6 @@ def timed(device: str, function, *args, **kwargs) -> float:
     function(*args, **kwargs)
     synchronize(device)
     return time.perf_counter() - start
-
-
-def prefilled_cache(model, input_ids):
-    cache = new_cache("dynamic", model.config)
-    model(input_ids, past_key_values=cache)
-    return cache
 
 
 def decode_steps(model, cache, tokens, device: str) -> list[float]:
@@ -185,6 +126,15 @@ def patched(**apply_kwargs):
     return context
 
 
+def patched_and_unpatched(run) -> dict:
+    """The cases of `side_by_side` that time `run` unpatched and patched, with nothing to set up."""
+    return {"unpatched": (unpatched, lambda: None, run), "patched": (patched(), lambda: None, run)}
+
+
+# Measurements: one function per section of `SECTIONS`, each `(model, args) -> dict`, what `bench.json` holds under
+# the section's name
+
+
 def bench_decode_step(model, args) -> dict:
     """
     Ordinary decode steps, a quarter of the switch point in: patched / unpatched. Each repeat decodes 16 steps on
@@ -210,7 +160,11 @@ def bench_decode_step(model, args) -> dict:
     }
 
 
-def bench_switch_step(model, switch_point: int, args) -> dict:
+def bench_switch_step(model, args) -> dict:
+    return switch_step_at(model, args.switch_point, args)
+
+
+def switch_step_at(model, switch_point: int, args) -> dict:
     """The step that crosses the switch (a cache of `switch_point` tokens, one more fed) under each policy, and a
     plain prefill of `switch_point + 1` tokens into an empty cache."""
     tokens = random_tokens(switch_point + 1, vocab_size=model.config.vocab_size, seed=3).to(args.device)
@@ -250,12 +204,7 @@ def bench_generate(model, args) -> dict:
     def run(_):
         return [timed(args.device, greedy_generate, model, prompt, new_tokens)]
 
-    timings = side_by_side(
-        {"unpatched": (unpatched, lambda: None, run), "patched": (patched(), lambda: None, run)},
-        args.repeats,
-        args.warmup,
-        args.device,
-    )
+    timings = side_by_side(patched_and_unpatched(run), args.repeats, args.warmup, args.device)
     tokens_per_second = {name: 1e3 * new_tokens / timing["median_ms"] for name, timing in timings.items()}
     return {
         "new_tokens": new_tokens,
@@ -263,139 +212,6 @@ def bench_generate(model, args) -> dict:
         "tokens_per_second": tokens_per_second,
         "ratio": ratio(timings["patched"], timings["unpatched"]),
     }
-
-
-def continuous_batch(model, prompts: list[list[int]], new_tokens: int) -> None:
-    """`generate_batch` of `prompts`, greedy, synchronous batching (the CPU default), `new_tokens` each."""
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-
-    generation_config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0)
-    config = ContinuousBatchingConfig(
-        auto_switch_to_flash=False, use_async_batching=False, num_blocks=512, page_size=32, max_batch_tokens=512
-    )
-    model.generate_batch(
-        prompts, generation_config=generation_config, continuous_batching_config=config, progress_bar=False
-    )
-
-
-def bench_continuous_batching(model, args) -> dict:
-    """
-    `generate_batch` throughput (generated tokens per second), patched / unpatched, on two mixed workloads of 8
-    requests: none reaching the switch, and half crossing it while decoding (each prefilled again, patched); and the
-    cost of that prefill: one crossing request, patched minus unpatched, against a plain prefill of its length.
-    """
-    from patches.coverage import CONTINUOUS_BATCHING_FROM, protects_continuous_batching
-
-    if not protects_continuous_batching(transformers.__version__):
-        return {"skipped": f"the patches protect continuous batching from transformers {CONTINUOUS_BATCHING_FROM}"}
-    switch, new_tokens = args.switch_point, args.switch_point // 16
-    vocab = model.config.vocab_size
-
-    def prompts(lengths):
-        return [
-            random_tokens(length, vocab_size=vocab, seed=index)[0].tolist() for index, length in enumerate(lengths)
-        ]
-
-    workloads = {
-        "no crossing": prompts([switch // 16 * k for k in range(1, 9)]),
-        "half crossing": prompts([switch - new_tokens // 2] * 4 + [switch // 8 * k for k in range(1, 5)]),
-    }
-    results = {}
-    for name, batch in workloads.items():
-
-        def run(_, batch=batch):
-            return [timed(args.device, continuous_batch, model, batch, new_tokens)]
-
-        timings = side_by_side(
-            {"unpatched": (unpatched, lambda: None, run), "patched": (patched(), lambda: None, run)},
-            args.repeats,
-            args.warmup,
-            args.device,
-        )
-        generated = new_tokens * len(batch)
-        results[name] = {
-            "timings": timings,
-            "tokens_per_second": {key: 1e3 * generated / timing["median_ms"] for key, timing in timings.items()},
-            "throughput patched / unpatched": ratio(timings["unpatched"], timings["patched"]),
-        }
-    crossing = prompts([switch - 4])
-
-    def crossing_run(_):
-        return [timed(args.device, continuous_batch, model, crossing, 8)]
-
-    def prefill(_):
-        # What the re-prefill computes, through `generate_batch` as well: a request of the crossing one's length at
-        # the switch (prompt and generated tokens), prefilled, one token generated
-        return [timed(args.device, continuous_batch, model, [crossing[0] + [5] * 5], 1)]
-
-    timings = side_by_side(
-        {
-            "crossing request, unpatched": (unpatched, lambda: None, crossing_run),
-            "crossing request, patched": (patched(), lambda: None, crossing_run),
-            "plain prefill": (unpatched, lambda: None, prefill),
-        },
-        args.repeats,
-        args.warmup,
-        args.device,
-    )
-    extra_ms = timings["crossing request, patched"]["median_ms"] - timings["crossing request, unpatched"]["median_ms"]
-    results["re-prefill"] = {
-        "timings": timings,
-        "extra_ms": extra_ms,
-        "extra / plain prefill": extra_ms / timings["plain prefill"]["median_ms"],
-    }
-    return results
-
-
-def left_padded_rows(model, args):
-    """A batch of `BATCH_SIZE` rows of different lengths, left-padded: row `i` crosses the switch at decode step
-    `2 * i + 1`. Returns the prompt, its mask and the tokens fed at each step."""
-    steps = 2 * BATCH_SIZE
-    switch_point = model.config.original_max_position_embeddings
-    prompt = random_tokens(switch_point, batch_size=BATCH_SIZE, vocab_size=model.config.vocab_size, seed=5)
-    attention_mask = torch.ones_like(prompt)
-    for row in range(BATCH_SIZE):
-        attention_mask[row, : 2 * row] = 0
-        prompt[row, : 2 * row] = 0
-    fed = random_tokens(steps, batch_size=BATCH_SIZE, vocab_size=model.config.vocab_size, seed=6)
-    return prompt.to(args.device), attention_mask.to(args.device), fed.to(args.device)
-
-
-def batch_decode(model, prompt, attention_mask, fed, device: str, whole_batch: bool):
-    """
-    Decodes `fed` one token per step through a cache after `prompt`; returns the step durations and the last logits.
-    `whole_batch`: when a row crosses the switch, the whole batch is run again without cache into a new cache (as
-    `generate()` does upstream when it drops the cache); otherwise the patches recompute the crossing rows only.
-    """
-    sequence, mask = prompt, attention_mask
-    row_lengths = attention_mask.sum(-1).tolist()
-    switch_point = model.config.original_max_position_embeddings
-    cache = prefilled_cache_with_mask(model, prompt, attention_mask)
-    durations, logits = [], None
-    for step in range(fed.shape[1]):
-        sequence = torch.cat([sequence, fed[:, step : step + 1]], dim=-1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        crossing = any(length + step + 1 == switch_point + 1 for length in row_lengths)
-        synchronize(device)
-        start = time.perf_counter()
-        if whole_batch and crossing:
-            cache = new_cache("dynamic", model.config)
-            logits = model(sequence, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
-        else:
-            logits = model(
-                sequence[:, -1:], attention_mask=mask, position_ids=positions[:, -1:], past_key_values=cache
-            ).logits
-        synchronize(device)
-        durations.append(time.perf_counter() - start)
-    return durations, logits[:, -1]
-
-
-def prefilled_cache_with_mask(model, prompt, attention_mask):
-    cache = new_cache("dynamic", model.config)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    model(prompt, attention_mask=attention_mask, position_ids=positions, past_key_values=cache)
-    return cache
 
 
 def bench_batch(model, args) -> dict:
@@ -437,22 +253,69 @@ def bench_batch(model, args) -> dict:
     }
 
 
+def left_padded_rows(model, args):
+    """A batch of `BATCH_SIZE` rows of different lengths, left-padded: row `i` crosses the switch at decode step
+    `2 * i + 1`. Returns the prompt, its mask and the tokens fed at each step."""
+    steps = 2 * BATCH_SIZE
+    switch_point = model.config.original_max_position_embeddings
+    prompt = random_tokens(switch_point, batch_size=BATCH_SIZE, vocab_size=model.config.vocab_size, seed=5)
+    attention_mask = torch.ones_like(prompt)
+    for row in range(BATCH_SIZE):
+        attention_mask[row, : 2 * row] = 0
+        prompt[row, : 2 * row] = 0
+    fed = random_tokens(steps, batch_size=BATCH_SIZE, vocab_size=model.config.vocab_size, seed=6)
+    return prompt.to(args.device), attention_mask.to(args.device), fed.to(args.device)
+
+
+def batch_decode(model, prompt, attention_mask, fed, device: str, whole_batch: bool):
+    """
+    Decodes `fed` one token per step through a cache after `prompt`; returns the step durations and the last logits.
+    `whole_batch`: when a row crosses the switch, the whole batch is run again without cache into a new cache (as
+    `generate()` does upstream when it drops the cache); otherwise the patches recompute the crossing rows only.
+    """
+    sequence, mask = prompt, attention_mask
+    row_lengths = attention_mask.sum(-1).tolist()
+    switch_point = model.config.original_max_position_embeddings
+    cache = prefilled_cache_with_mask(model, prompt, attention_mask)
+    durations, logits = [], None
+    for step in range(fed.shape[1]):
+        sequence = torch.cat([sequence, fed[:, step : step + 1]], dim=-1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        positions = positions_from_attention_mask(mask)
+        crossing = any(length + step + 1 == switch_point + 1 for length in row_lengths)
+        synchronize(device)
+        start = time.perf_counter()
+        if whole_batch and crossing:
+            cache = new_cache("dynamic", model.config)
+            logits = model(sequence, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        else:
+            logits = model(
+                sequence[:, -1:], attention_mask=mask, position_ids=positions[:, -1:], past_key_values=cache
+            ).logits
+        synchronize(device)
+        durations.append(time.perf_counter() - start)
+    return durations, logits[:, -1]
+
+
+def prefilled_cache_with_mask(model, prompt, attention_mask):
+    cache = new_cache("dynamic", model.config)
+    positions = positions_from_attention_mask(attention_mask)
+    model(prompt, attention_mask=attention_mask, position_ids=positions, past_key_values=cache)
+    return cache
+
+
 def bench_consistent(model, args) -> dict:
     """
     `consistent=True` against normal mode (both patched): prefill, decode step, whole generation (no switch); what
-    dominates a decode step in each mode (profiled); and the operations of one decode step at a 4k context.
+    dominates a decode step in each mode (profiled), the operations of one decode step at a 4k context, and the
+    decode-step attention alone (`scripts/profile_decoding.py` profiles and counts).
     """
-    try:
-        with patched(consistent=True)():
-            pass
-    except patches.ConsistentDecodingUnavailableError as error:  # a release before 4.48, or this machine's kernels
-        return {"skipped": str(error)}
-    vocab_size = model.config.vocab_size
-    prompt = random_tokens(args.switch_point, vocab_size=vocab_size, seed=7).to(args.device)
-    short_prompt = prompt[:, : args.switch_point // 4]
-    steps = random_tokens(16, vocab_size=vocab_size, seed=8).to(args.device)
+    unavailable = consistent_mode_unavailable()
+    if unavailable:
+        return {"skipped": unavailable}
+    prompt = random_tokens(args.switch_point, vocab_size=model.config.vocab_size, seed=7).to(args.device)
+    short_prompt, steps = decode_inputs(model, args.device)
     new_tokens = 64
-    results = {}
     measurements = {
         "prefill": (lambda: None, lambda _: [timed(args.device, model, prompt, use_cache=True)]),
         "decode step": (
@@ -461,6 +324,7 @@ def bench_consistent(model, args) -> dict:
         ),
         "generation": (lambda: None, lambda _: [timed(args.device, greedy_generate, model, short_prompt, new_tokens)]),
     }
+    results = {}
     for name, (setup, run) in measurements.items():
         timings = side_by_side(
             {"normal": (patched(), setup, run), "consistent": (patched(consistent=True), setup, run)},
@@ -475,41 +339,8 @@ def bench_consistent(model, args) -> dict:
     return results
 
 
-CONSISTENT_TARGETS = {"decode step": "≤ 1.20", "generation": "≤ 1.30"}
-"""Issue 16's bounds on consistent mode's cost, on a CPU."""
-
-PROFILED_OPERATORS = 8
-"""Operators listed in the decode-step profile: those either mode spends the most time in."""
-
-
-def profile_decode_steps(model, prompt, steps, device: str) -> dict:
-    """
-    Time per operator (self time, summed over `steps` fed one at a time after `prompt`) in each mode: what dominates a
-    decode step. On CUDA the time is the kernels' time on the device.
-    """
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    operators = {}
-    for mode, apply_kwargs in {"normal": {}, "consistent": {"consistent": True}}.items():
-        with patched(**apply_kwargs)(), torch.no_grad():
-            cache = prefilled_cache(model, prompt)
-            decode_steps(model, cache, steps[:, :2], device)  # warm-up
-            with torch.profiler.profile(activities=activities) as profiler:
-                decode_steps(model, cache, steps, device)
-        for event in profiler.key_averages():
-            self_us = event.self_device_time_total if device.startswith("cuda") else event.self_cpu_time_total
-            operators.setdefault(event.key, {"normal": 0.0, "consistent": 0.0})[mode] = self_us / 1e3 / steps.shape[1]
-    ranked = sorted(operators.items(), key=lambda item: max(item[1].values()), reverse=True)
-    return {
-        "steps": steps.shape[1],
-        "per step ms": {name: dict(times) for name, times in ranked[:PROFILED_OPERATORS]},
-        "total per step ms": {mode: sum(times[mode] for _, times in ranked) for mode in ("normal", "consistent")},
-    }
-
-
-ATTENTION_CONTEXTS = (128, 1024, 4096)
-"""Key counts of the decode-step attention measured alone."""
+ATTENTION_CALLS_PER_RUN = 20
+"""Calls per timed run of the attention alone (one call is tens of microseconds)."""
 
 
 def bench_decode_step_attention(model, args) -> dict:
@@ -517,46 +348,20 @@ def bench_decode_step_attention(model, args) -> dict:
     The attention of one decode step alone, with the model's heads: consistent mode's function against
     `scaled_dot_product_attention` (what normal mode runs), and the operations of each (views aside).
     """
-    from patches.consistent_decoding import consistent_sdpa_attention_forward
-
-    config, dtype = model.config, next(model.parameters()).dtype
-    head_dim = config.hidden_size // config.num_attention_heads
-    groups = config.num_attention_heads // config.num_key_value_heads
-    module = torch.nn.Module().eval()
     results = {}
     for key_length in ATTENTION_CONTEXTS:
-        generator = torch.Generator().manual_seed(key_length)
-
-        def random(heads, length):
-            return torch.randn((1, heads, length, head_dim), generator=generator).to(args.device, dtype)
-
-        query = random(config.num_attention_heads, 1)
-        key, value = random(config.num_key_value_heads, key_length), random(config.num_key_value_heads, key_length)
-        repeated_key, repeated_value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-        functions = {
-            "consistent": lambda: consistent_sdpa_attention_forward(module, query, key, value, None),
-            "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(query, repeated_key, repeated_value),
-        }
+        functions = decode_step_attention(model, key_length, args.device)
         cases = {
             name: (contextlib.nullcontext, lambda: None, _repeat_timed(function, args.device))
             for name, function in functions.items()
         }
         timings = side_by_side(cases, args.repeats, args.warmup, args.device)
-        operations = {}
-        for name, function in functions.items():
-            with _OperationCounter() as counter:
-                function()
-            operations[name] = counter.count
         results[key_length] = {
             "timings": timings,
             "ratio": ratio(timings["consistent"], timings["sdpa"]),
-            "operations": operations,
+            "operations": {name: count_operations(function).operations for name, function in functions.items()},
         }
     return results
-
-
-ATTENTION_CALLS_PER_RUN = 20
-"""Calls per timed run of the attention alone (one call is tens of microseconds)."""
 
 
 def _repeat_timed(function, device: str):
@@ -566,62 +371,10 @@ def _repeat_timed(function, device: str):
     return run
 
 
-HOST_READS = (
-    torch.ops.aten._local_scalar_dense.default,
-    torch.ops.aten.is_nonzero.default,
-    torch.ops.aten.nonzero.default,
-    torch.ops.aten.masked_select.default,
-)
-"""The operations behind `.item()`, `bool()` and `int()` of a tensor, and those whose output size depends on the data:
-on a GPU each waits for the device, and none may run in a step captured as a CUDA graph."""
-
-
-class _OperationCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """
-    Counts the aten operations dispatched, views aside (on a GPU each is a kernel launch, or an allocation), and the
-    tensors read back to the host.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-        self.host_reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.count += 1
-        if func in HOST_READS:
-            self.host_reads += 1
-        return func(*args, **(kwargs or {}))
-
-
-DECODE_CONTEXT = 4096
-"""The context of the decode step whose operations are counted."""
-
-
-def count_decode_step_operations(model, device: str) -> dict:
-    """Operations (views aside) and reads back to the host of one decode step after `DECODE_CONTEXT - 1` tokens."""
-    context = min(DECODE_CONTEXT, model.config.max_position_embeddings) - 1
-    tokens = random_tokens(context + 1, vocab_size=model.config.vocab_size, seed=9).to(device)
-    with patched()(), torch.no_grad():
-        cache = prefilled_cache(model, tokens[:, :context])
-    counts = {"context": context + 1}
-    for mode, apply_kwargs in {"normal": {}, "consistent": {"consistent": True}}.items():
-        with patched(**apply_kwargs)(), torch.no_grad():
-            step_cache = copy.deepcopy(cache)
-            model(tokens[:, context:], past_key_values=step_cache)  # a first call checks the products' shapes
-            step_cache = copy.deepcopy(cache)
-            with _OperationCounter() as counter:
-                model(tokens[:, context:], past_key_values=step_cache)
-        counts[mode] = counter.count
-        counts[f"{mode} host reads"] = counter.host_reads
-    return counts
-
-
 def bench_switch_cost(model, args) -> list[dict]:
-    """`bench_switch_step` for each prefix length: a model switching there, with the same weights."""
+    """`switch_step_at` each prefix length: a model switching there, with the same weights."""
     return [
-        bench_switch_step(switching_at(model, prefix_length, args), prefix_length, args)
+        switch_step_at(switching_at(model, prefix_length, args), prefix_length, args)
         for prefix_length in args.prefix_lengths
     ]
 
@@ -635,17 +388,90 @@ def switching_at(model, switch_point: int, args):
     return switching_model
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    facts = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        facts["gpu"] = torch.cuda.get_device_name()
-    return facts
+def bench_continuous_batching(model, args) -> dict:
+    """
+    `generate_batch` throughput (generated tokens per second), patched / unpatched, on two mixed workloads of 8
+    requests: none reaching the switch, and half crossing it while decoding (each prefilled again, patched); and the
+    cost of that prefill: one crossing request, patched minus unpatched, against a plain prefill of its length.
+    """
+    if not protects_continuous_batching(transformers.__version__):
+        return {"skipped": f"the patches protect continuous batching from transformers {CONTINUOUS_BATCHING_FROM}"}
+    switch, new_tokens = args.switch_point, args.switch_point // 16
+    workloads = {
+        "no crossing": [switch // 16 * k for k in range(1, 9)],
+        "half crossing": [switch - new_tokens // 2] * 4 + [switch // 8 * k for k in range(1, 5)],
+    }
+    results = {
+        name: batch_throughput(model, request_prompts(model, lengths), new_tokens, args)
+        for name, lengths in workloads.items()
+    }
+    results["re-prefill"] = reprefill_cost(model, request_prompts(model, [switch - 4])[0], args)
+    return results
+
+
+def request_prompts(model, lengths: list[int]) -> list[list[int]]:
+    vocab_size = model.config.vocab_size
+    return [
+        random_tokens(length, vocab_size=vocab_size, seed=index)[0].tolist() for index, length in enumerate(lengths)
+    ]
+
+
+def continuous_batch(model, prompts: list[list[int]], new_tokens: int) -> None:
+    """`generate_batch` of `prompts`, greedy, synchronous batching (the CPU default), `new_tokens` each."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    generation_config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0)
+    config = ContinuousBatchingConfig(
+        auto_switch_to_flash=False, use_async_batching=False, num_blocks=512, page_size=32, max_batch_tokens=512
+    )
+    model.generate_batch(
+        prompts, generation_config=generation_config, continuous_batching_config=config, progress_bar=False
+    )
+
+
+def batch_throughput(model, prompts: list[list[int]], new_tokens: int, args) -> dict:
+    """`generate_batch` of `prompts`, `new_tokens` each: generated tokens per second, patched / unpatched."""
+
+    def run(_):
+        return [timed(args.device, continuous_batch, model, prompts, new_tokens)]
+
+    timings = side_by_side(patched_and_unpatched(run), args.repeats, args.warmup, args.device)
+    generated = new_tokens * len(prompts)
+    return {
+        "timings": timings,
+        "tokens_per_second": {name: 1e3 * generated / timing["median_ms"] for name, timing in timings.items()},
+        "throughput patched / unpatched": ratio(timings["unpatched"], timings["patched"]),
+    }
+
+
+def reprefill_cost(model, crossing: list[int], args) -> dict:
+    """A request that crosses the switch at its 5th new token (8 new tokens): what the patches' re-prefill of it
+    costs (patched minus unpatched), against a plain prefill of its length through `generate_batch`."""
+
+    def crossing_run(_):
+        return [timed(args.device, continuous_batch, model, [crossing], 8)]
+
+    def prefill(_):
+        # What the re-prefill computes, through `generate_batch` as well: a request of the crossing one's length at
+        # the switch (prompt and generated tokens), prefilled, one token generated
+        return [timed(args.device, continuous_batch, model, [crossing + [5] * 5], 1)]
+
+    timings = side_by_side(
+        {
+            "crossing request, unpatched": (unpatched, lambda: None, crossing_run),
+            "crossing request, patched": (patched(), lambda: None, crossing_run),
+            "plain prefill": (unpatched, lambda: None, prefill),
+        },
+        args.repeats,
+        args.warmup,
+        args.device,
+    )
+    extra_ms = timings["crossing request, patched"]["median_ms"] - timings["crossing request, unpatched"]["median_ms"]
+    return {
+        "timings": timings,
+        "extra_ms": extra_ms,
+        "extra / plain prefill": extra_ms / timings["plain prefill"]["median_ms"],
+    }
 
 
 def format_timing(timing: dict) -> str:
@@ -653,137 +479,104 @@ def format_timing(timing: dict) -> str:
     return f"{timing['median_ms']:.{digits}f} ms ({timing['min_ms']:.{digits}f}-{timing['max_ms']:.{digits}f})"
 
 
-def print_tables(results: dict) -> None:
-    print(
-        f"\n{results['model']} ({results['parameters'] / 1e6:.0f}M parameters, {results['dtype']}, "
-        f"{results['attention']}, switch after {results['switch_point']} tokens) on {results['device']}: "
-        f"{results['machine']['cpu']}, {results['machine']['torch_threads']} threads"
-        f"{', ' + results['machine']['gpu'] if 'gpu' in results['machine'] else ''}; "
-        f"transformers {results['transformers']}, torch {results['torch']}; medians of {results['repeats']} "
-        "runs (min-max)\n"
-    )
-    rows = []
-    for section, section_rows in ROW_BUILDERS.items():
-        if section in results:
-            rows += section_rows(results[section])
-    print("| measurement | measured | against | ratio | target |")
-    print("|---|---|---|---|---|")
-    for name, measured, against, value, target in rows:
-        print(f"| {name} | {format_timing(measured)} | {format_timing(against)} | {value:.3f} | {target} |")
-    if "skipped" in results.get("consistent", {}):
-        print(f"\nconsistent / normal: skipped ({results['consistent']['skipped']})")
-    elif "consistent" in results:
-        print_consistent_details(results["consistent"])
-    if "skipped" in results.get("continuous_batching", {}):
-        print(f"\ncontinuous batching: skipped ({results['continuous_batching']['skipped']})")
-    if "generate" in results:
-        print(f"\ngenerate() tokens per second: {results['generate']['tokens_per_second']}")
-    if "continuous_batching" in results and "skipped" not in results["continuous_batching"]:
-        for name, measured in results["continuous_batching"].items():
-            if "tokens_per_second" in measured:
-                print(f"generate_batch() tokens per second, {name}: {measured['tokens_per_second']}")
-    if "batch" in results:
-        difference = results["batch"]["max_abs_logit_difference"]
-        print(f"batch: max |Δlogit| between the two strategies at the last step: {difference:.2e}")
-    if "switch_cost" in results:
-        print_switch_cost(results["switch_cost"])
+# Rows of the cost table: one function per section of `SECTIONS`, each `(measured) -> list[Row]`
 
 
-def _decode_rows(decode: dict) -> list:
-    return [("decode step, patched / unpatched", decode["timings"]["patched"], decode["timings"]["unpatched"],
-             decode["ratio"], "≤ 1.01")]  # fmt: skip
+@dataclass(frozen=True)
+class Row:
+    """A line of the cost table: `measured / against`, two medians taken in the same run. Its target is the
+    section's for `figure`, if it has one."""
+
+    figure: str
+    label: str
+    measured: dict
+    against: dict
+    ratio: float
 
 
-def _switch_rows(switch: dict) -> list:
+def decode_step_rows(decode: dict) -> list[Row]:
+    timings = decode["timings"]
     return [
-        ("switch step (recompute) / plain prefill", switch["timings"]["recompute"],
-         switch["timings"]["plain prefill"], switch["recompute / prefill"], "≤ 1.10"),
-        ("switch step, rerotate / recompute", switch["timings"]["rerotate"], switch["timings"]["recompute"],
-         switch["rerotate / recompute"], ""),
+        Row("ratio", "decode step, patched / unpatched", timings["patched"], timings["unpatched"], decode["ratio"])
+    ]
+
+
+def switch_step_rows(switch: dict) -> list[Row]:
+    timings = switch["timings"]
+    return [
+        Row("recompute / prefill", "switch step (recompute) / plain prefill", timings["recompute"],
+            timings["plain prefill"], switch["recompute / prefill"]),
+        Row("rerotate / recompute", "switch step, rerotate / recompute", timings["rerotate"], timings["recompute"],
+            switch["rerotate / recompute"]),
     ]  # fmt: skip
 
 
-def _generate_rows(generate: dict) -> list:
-    return [(f"generate() across the switch, patched / unpatched ({generate['new_tokens']} tokens)",
-             generate["timings"]["patched"], generate["timings"]["unpatched"], generate["ratio"], "")]  # fmt: skip
+def generate_rows(generate: dict) -> list[Row]:
+    label = f"generate() across the switch, patched / unpatched ({generate['new_tokens']} tokens)"
+    timings = generate["timings"]
+    return [Row("ratio", label, timings["patched"], timings["unpatched"], generate["ratio"])]
 
 
-def _batch_rows(batch: dict) -> list:
-    return [(f"batch of {batch['batch_size']} crossing at {batch['switch_point']} over {batch['steps']} steps: "
-             "crossing rows only / whole batch", batch["timings"]["crossing rows only"],
-             batch["timings"]["whole batch"], batch["ratio"], "")]  # fmt: skip
+def batch_rows(batch: dict) -> list[Row]:
+    label = (
+        f"batch of {batch['batch_size']} crossing at {batch['switch_point']} over {batch['steps']} steps: "
+        "crossing rows only / whole batch"
+    )
+    timings = batch["timings"]
+    return [Row("ratio", label, timings["crossing rows only"], timings["whole batch"], batch["ratio"])]
 
 
-def _consistent_rows(consistent: dict) -> list:
-    if "skipped" in consistent:
-        return []
+def consistent_rows(consistent: dict) -> list[Row]:
     return [
-        (f"consistent / normal: {name}", measured["timings"]["consistent"], measured["timings"]["normal"],
-         measured["ratio"], CONSISTENT_TARGETS.get(name, ""))
+        Row(name, f"consistent / normal: {name}", measured["timings"]["consistent"], measured["timings"]["normal"],
+            measured["ratio"])
         for name, measured in consistent.items()
         if "timings" in measured
     ] + [
-        (f"consistent / SDPA: decode-step attention alone, {key_length} keys", measured["timings"]["consistent"],
-         measured["timings"]["sdpa"], measured["ratio"], "")
-        for key_length, measured in consistent.get("decode-step attention", {}).items()
+        Row(f"attention, {key_length} keys", f"consistent / SDPA: decode-step attention alone, {key_length} keys",
+            measured["timings"]["consistent"], measured["timings"]["sdpa"], measured["ratio"])
+        for key_length, measured in consistent["decode-step attention"].items()
     ]  # fmt: skip
 
 
-def print_consistent_details(consistent: dict) -> None:
-    """What dominates a decode step in each mode, and the operations of a decode step at a 4k context."""
-    profile = consistent["decode step profile"]
-    print(f"\nWhere a decode step's time goes (self time per step, mean of {profile['steps']} profiled steps):\n")
-    print("| operator | consistent | normal |")
-    print("|---|---|---|")
-    for name, times in profile["per step ms"].items():
-        print(f"| {name} | {times['consistent']:.3f} ms | {times['normal']:.3f} ms |")
-    total = profile["total per step ms"]
-    print(f"| all operators | {total['consistent']:.3f} ms | {total['normal']:.3f} ms |")
-    attention = consistent["decode-step attention"]
-    counts = ", ".join(
-        f"{key_length} keys {measured['operations']['consistent']} (SDPA {measured['operations']['sdpa']})"
-        for key_length, measured in attention.items()
-    )
-    print(f"\nOperations of the decode-step attention alone (views aside): {counts}")
-    operations = consistent["operations per decode step"]
-    print(
-        f"\nOperations of one decode step at a {operations['context']}-token context (views aside; on a GPU, kernel "
-        f"launches): consistent {operations['consistent']}, normal {operations['normal']}; tensors read back to the "
-        f"host: consistent {operations['consistent host reads']}, normal {operations['normal host reads']}"
-    )
-
-
-def _continuous_batching_rows(measured: dict) -> list:
-    if "skipped" in measured:
-        return []
+def continuous_batching_rows(measured: dict) -> list[Row]:
     rows = [
-        (f"generate_batch() throughput, {name}: patched / unpatched", workload["timings"]["patched"],
-         workload["timings"]["unpatched"], workload["throughput patched / unpatched"],
-         "≥ 0.95" if name == "no crossing" else "")
+        Row(name, f"generate_batch() throughput, {name}: patched / unpatched", workload["timings"]["patched"],
+            workload["timings"]["unpatched"], workload["throughput patched / unpatched"])
         for name, workload in measured.items()
         if "throughput patched / unpatched" in workload
     ]  # fmt: skip
     reprefill = measured["re-prefill"]
-    timings = reprefill["timings"]
-    rows += [
-        ("one crossing request, patched / unpatched", timings["crossing request, patched"],
-         timings["crossing request, unpatched"],
-         ratio(timings["crossing request, patched"], timings["crossing request, unpatched"]), ""),
-        (f"its re-prefill ({reprefill['extra_ms']:.0f} ms more) / a plain prefill of its length", timings["plain prefill"],
-         timings["plain prefill"], reprefill["extra / plain prefill"], ""),
+    patched_request, unpatched_request = (
+        reprefill["timings"][f"crossing request, {side}"] for side in ("patched", "unpatched")
+    )
+    prefill = reprefill["timings"]["plain prefill"]
+    return rows + [
+        Row("crossing request", "one crossing request, patched / unpatched", patched_request, unpatched_request,
+            ratio(patched_request, unpatched_request)),
+        Row("re-prefill", f"its re-prefill ({reprefill['extra_ms']:.0f} ms more) / a plain prefill of its length",
+            prefill, prefill, reprefill["extra / plain prefill"]),
     ]  # fmt: skip
-    return rows
 
 
-ROW_BUILDERS = {
-    "decode_step": _decode_rows,
-    "switch_step": _switch_rows,
-    "generate": _generate_rows,
-    "batch": _batch_rows,
-    "consistent": _consistent_rows,
-    "continuous_batching": _continuous_batching_rows,
-}
-"""How each section's measurements read in the table, in the table's order."""
+# What each section prints after the cost table, and the switch cost's plot
+
+
+def print_generate_details(generate: dict) -> None:
+    print(f"\ngenerate() tokens per second: {generate['tokens_per_second']}")
+
+
+def print_batch_details(batch: dict) -> None:
+    difference = batch["max_abs_logit_difference"]
+    print(f"\nbatch: max |Δlogit| between the two strategies at the last step: {difference:.2e}")
+
+
+def print_consistent_details(consistent: dict) -> None:
+    """What dominates a decode step in each mode, and the operations of a decode step at a 4k context."""
+    print_decode_step_profile(consistent["decode step profile"])
+    attention = consistent["decode-step attention"]
+    print_attention_operations({key_length: measured["operations"] for key_length, measured in attention.items()})
+    print_decode_step_operations(consistent["operations per decode step"])
 
 
 def print_switch_cost(switch_cost: list[dict]) -> None:
@@ -798,7 +591,15 @@ def print_switch_cost(switch_cost: list[dict]) -> None:
         )
 
 
-def plot_switch_cost(path: Path, rows: list[dict], title: str) -> bool:
+def print_continuous_batching_details(measured: dict) -> None:
+    print()
+    for name, workload in measured.items():
+        if "tokens_per_second" in workload:
+            print(f"generate_batch() tokens per second, {name}: {workload['tokens_per_second']}")
+
+
+def plot_switch_cost(path: Path, rows: list[dict], results: dict) -> bool:
+    """The switch cost's table as a PNG at `path`; `False` (and nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -815,7 +616,7 @@ def plot_switch_cost(path: Path, rows: list[dict], title: str) -> bool:
     axes.set_xticks(lengths, [str(length) for length in lengths])
     axes.set_xlabel("prefix length at the switch (tokens)")
     axes.set_ylabel("step time (ms, median)")
-    axes.set_title(title)
+    axes.set_title(f"Cost of the longrope switch, {results['model']} {results['dtype']} on {results['device']}")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -824,11 +625,141 @@ def plot_switch_cost(path: Path, rows: list[dict], title: str) -> bool:
     return True
 
 
-SECTIONS = ("decode_step", "switch_step", "generate", "batch", "consistent", "switch_cost", "continuous_batching")
+@dataclass(frozen=True)
+class Section:
+    """
+    A section of the benchmark. `name` is its key in `bench.json` and its choice of `--sections`; `measure(model,
+    args)` returns what `bench.json` holds there (or `{"skipped": why}`); `rows(measured)` are its lines of the cost
+    table, each against the target `targets` holds for its figure; `details(measured)` prints what follows that
+    table; `plot(path, measured, results)` draws `<name>.png`.
+    """
+
+    name: str
+    measures: str
+    measure: Callable[..., dict | list]
+    rows: Callable[..., list[Row]] | None = None
+    targets: dict[str, str] = field(default_factory=dict)
+    details: Callable[..., None] | None = None
+    plot: Callable[..., bool] | None = None
+
+
+SECTIONS = (
+    Section(
+        "decode_step",
+        "an ordinary decode step, a quarter of the switch point in: patched / unpatched",
+        bench_decode_step,
+        rows=decode_step_rows,
+        targets={"ratio": "≤ 1.01"},
+    ),
+    Section(
+        "switch_step",
+        "the step crossing the switch, recompute (against a plain prefill of the same length: its physical limit) "
+        "and rerotate",
+        bench_switch_step,
+        rows=switch_step_rows,
+        targets={"recompute / prefill": "≤ 1.10"},
+    ),
+    Section(
+        "generate",
+        "generate() across the switch: patched / unpatched, and tokens per second",
+        bench_generate,
+        rows=generate_rows,
+        details=print_generate_details,
+    ),
+    Section(
+        "batch",
+        "a left-padded batch of 8 rows crossing at 8 different steps: recomputing the crossing rows only against "
+        "the whole batch whenever a row crosses",
+        bench_batch,
+        rows=batch_rows,
+        details=print_batch_details,
+    ),
+    Section(
+        "consistent",
+        "consistent=True against normal mode: prefill, decode step, generation; the decode-step attention alone; "
+        "what dominates a decode step and its operations at a 4k context (scripts/profile_decoding.py)",
+        bench_consistent,
+        rows=consistent_rows,
+        # Issue 16's bounds on consistent mode's cost, on a CPU
+        targets={"decode step": "≤ 1.20", "generation": "≤ 1.30"},
+        details=print_consistent_details,
+    ),
+    Section(
+        "switch_cost",
+        "the switch step at several prefix lengths (a model switching at each, same weights): a table and a PNG",
+        bench_switch_cost,
+        details=print_switch_cost,
+        plot=plot_switch_cost,
+    ),
+    Section(
+        "continuous_batching",
+        "generate_batch() throughput, patched / unpatched, below and across the switch; a crossing request's "
+        "re-prefill",
+        bench_continuous_batching,
+        rows=continuous_batching_rows,
+        targets={"no crossing": "≥ 0.95"},
+        details=print_continuous_batching_details,
+    ),
+)
+"""What `make bench` measures, in the order it measures and reports it."""
+
+
+def print_report(results: dict) -> None:
+    """The run's head, the cost table (every measured section's rows), then each section's details, in table order."""
+    measured = [(section, results[section.name]) for section in SECTIONS if section.name in results]
+    print_head(results)
+    print("| measurement | measured | against | ratio | target |")
+    print("|---|---|---|---|---|")
+    for section, figures in measured:
+        if "skipped" in figures or section.rows is None:
+            continue
+        for row in section.rows(figures):
+            print(
+                f"| {row.label} | {format_timing(row.measured)} | {format_timing(row.against)} | {row.ratio:.3f} | "
+                f"{section.targets.get(row.figure, '')} |"
+            )
+    for section, figures in measured:
+        if "skipped" in figures:
+            print(f"\n{section.name}: skipped ({figures['skipped']})")
+        elif section.details is not None:
+            section.details(figures)
+
+
+def print_head(results: dict) -> None:
+    gpu = f", {results['machine']['gpu']}" if "gpu" in results["machine"] else ""
+    print(
+        f"\n{results['model']} ({results['parameters'] / 1e6:.0f}M parameters, {results['dtype']}, "
+        f"{results['attention']}, switch after {results['switch_point']} tokens) on {results['device']}: "
+        f"{results['machine']['cpu']}, {results['machine']['torch_threads']} threads{gpu}; "
+        f"transformers {results['transformers']}, torch {results['torch']}; medians of {results['repeats']} "
+        "runs (min-max)\n"
+    )
+
+
+def write_outputs(results: dict, output_dir: Path) -> None:
+    """`bench.json`, and the PNG of each measured section that draws one."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "bench.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {json_path}")
+    for section in SECTIONS:
+        if section.plot is None or section.name not in results:
+            continue
+        path = output_dir / f"{section.name}.png"
+        if section.plot(path, results[section.name], results):
+            print(f"wrote {path}")
+        else:
+            print("matplotlib is not installed: no plot")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line; `--help` lists the sections of `SECTIONS`, and what each measures."""
+    sections = "\n".join(f"  {section.name}: {section.measures}" for section in SECTIONS)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        epilog=f"sections, in the order they are measured:\n{sections}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--device", default="cpu", help="`cpu` (default) or `cuda`")
     parser.add_argument(
         "--model",
@@ -848,7 +779,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--sections",
         nargs="+",
-        choices=SECTIONS,
+        choices=[section.name for section in SECTIONS],
         help="measure only these (default: all); the tables print what was measured",
     )
     args = parser.parse_args(argv)
@@ -856,7 +787,7 @@ def parse_args(argv=None):
         parser.error("--device cuda was asked for, but torch sees no CUDA device")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be at least 1 and --warmup at least 0")
-    args.model = args.model or ("phi3-mini" if args.device.startswith("cuda") else "small-phi3")
+    args.model = args.model or default_model(args.device)
     args.switch_point = BENCH_MODELS[args.model]["switch_point"]
     args.prefix_lengths = sorted(args.prefix_lengths or [args.switch_point * k // 2 for k in (1, 2, 4, 8)])
     if min(args.prefix_lengths) < 2:
@@ -869,46 +800,14 @@ def main(argv=None):
     if patches.status().applied:
         raise SystemExit("error: the patches are already applied in this process; the benchmark applies them itself")
     model = build_model(args.model, args.switch_point, 2 * max(args.prefix_lengths), args.device, args.attention)
-    results = {
-        "model": args.model,
-        "parameters": sum(parameter.numel() for parameter in model.parameters()),
-        "dtype": BENCH_MODELS[args.model]["dtype"],
-        "attention": args.attention,
-        "switch_point": args.switch_point,
-        "device": args.device,
-        "machine": machine(),
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-    }
-    sections = {
-        "decode_step": lambda: bench_decode_step(model, args),
-        "switch_step": lambda: bench_switch_step(model, args.switch_point, args),
-        "generate": lambda: bench_generate(model, args),
-        "batch": lambda: bench_batch(model, args),
-        "consistent": lambda: bench_consistent(model, args),
-        "switch_cost": lambda: bench_switch_cost(model, args),
-        "continuous_batching": lambda: bench_continuous_batching(model, args),
-    }
-    for name, measure in sections.items():
-        if args.sections and name not in args.sections:
+    results = {**describe_run(model, args), "repeats": args.repeats, "warmup": args.warmup}
+    for section in SECTIONS:
+        if args.sections and section.name not in args.sections:
             continue
-        print(f"measuring {name}...", flush=True)
-        results[name] = measure()
-    print_tables(results)
-
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.output_dir / "bench.json"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {json_path}")
-    title = f"Cost of the longrope switch, {args.model} {results['dtype']} on {args.device}"
-    if "switch_cost" not in results:
-        return
-    if plot_switch_cost(args.output_dir / "switch_cost.png", results["switch_cost"], title):
-        print(f"wrote {args.output_dir / 'switch_cost.png'}")
-    else:
-        print("matplotlib is not installed: no plot")
+        print(f"measuring {section.name}...", flush=True)
+        results[section.name] = section.measure(model, args)
+    print_report(results)
+    write_outputs(results, args.output_dir)
 
 
 if __name__ == "__main__":

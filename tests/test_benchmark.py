@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""`scripts/benchmark.py` from the command line, on the tiny model: what it reports, not how fast anything is."""
+"""`scripts/benchmark.py` and `scripts/profile_decoding.py` from the command line, on the tiny model: what they report,
+not how fast anything is; and how the profile counts operations."""
 
 import json
 import os
@@ -21,17 +22,24 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import torch
+
+from scripts.profile_decoding import count_operations
 from tests.cache_consistency_utils import CONSISTENT_DECODING_AVAILABLE
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
+def run_script(name: str, *arguments) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+    command = [sys.executable, str(REPOSITORY / "scripts" / name), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=REPOSITORY)
+
+
 class BenchmarkScriptTest(unittest.TestCase):
     def run_script(self, *arguments) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
-        command = [sys.executable, str(REPOSITORY / "scripts" / "benchmark.py"), *arguments]
-        return subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=REPOSITORY)
+        return run_script("benchmark.py", *arguments)
 
     def test_reports_every_measurement(self):
         with tempfile.TemporaryDirectory() as output_dir:
@@ -82,10 +90,67 @@ class BenchmarkScriptTest(unittest.TestCase):
             self.assertIn("needs transformers>=4.48", results["consistent"]["skipped"])
 
     def test_cuda_without_a_gpu_is_a_clear_error(self):
-        import torch
-
         if torch.cuda.is_available():
             self.skipTest("a CUDA device is present")
         result = self.run_script("--device", "cuda")
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("torch sees no CUDA device", result.stderr)
+
+
+class ProfileScriptTest(unittest.TestCase):
+    def test_reports_the_profile_and_the_operations(self):
+        with tempfile.TemporaryDirectory() as output_dir:
+            result = run_script("profile_decoding.py", "--model", "tiny-phi3", "--output-dir", output_dir)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            results = json.loads((Path(output_dir) / "profile.json").read_text())
+
+        self.assertEqual(results["model"], "tiny-phi3")
+        if not CONSISTENT_DECODING_AVAILABLE:
+            self.assertIn("needs transformers>=4.48", results["skipped"])
+            return
+        profile = results["decode step profile"]
+        self.assertEqual(profile["steps"], 16)
+        self.assertEqual(len(profile["per step ms"]), 8)
+        for times in profile["per step ms"].values():
+            self.assertEqual(sorted(times), ["consistent", "normal"])
+        self.assertGreater(min(profile["total per step ms"].values()), 0)
+        # The model is built long enough for the 4k context, whatever its switch point
+        operations = results["operations per decode step"]
+        self.assertEqual(operations["context"], 4096)
+        self.assertGreater(operations["consistent"], operations["normal"])
+        self.assertEqual(operations["consistent host reads"], 0)
+        attention = results["decode-step attention operations"]
+        self.assertEqual(sorted(attention), ["1024", "128", "4096"])
+        for counted in attention.values():
+            self.assertEqual(counted["sdpa"], 1)
+            self.assertGreater(counted["consistent"], counted["sdpa"])
+        self.assertIn("Where a decode step's time goes", result.stdout)
+        self.assertIn("Operations of one decode step at a 4096-token context", result.stdout)
+
+
+class CountOperationsTest(unittest.TestCase):
+    """What `count_operations` counts, from a `torch.profiler` trace: the operations called, views aside."""
+
+    def test_views_are_not_counted(self):
+        matrix = torch.randn(4, 4)
+        self.assertEqual(count_operations(lambda: matrix.t()[1:].unsqueeze(0)), (0, 0))
+
+    def test_an_operation_counts_once_whatever_it_runs(self):
+        rows, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
+        # `linear` of a batch runs a transpose, reshapes and a product beneath it
+        self.assertEqual(count_operations(lambda: torch.nn.functional.linear(rows, weight)), (1, 0))
+        self.assertEqual(count_operations(lambda: (rows * 2).sum(-1)), (2, 0))
+
+    def test_an_operation_that_may_return_a_view_counts_its_copy(self):
+        matrix = torch.randn(4, 4)
+        self.assertEqual(count_operations(lambda: matrix.to(torch.float32)), (0, 0))
+        self.assertEqual(count_operations(lambda: matrix.to(torch.float64)), (1, 0))
+        self.assertEqual(count_operations(lambda: matrix.t().reshape(16)), (1, 0))
+        self.assertEqual(count_operations(lambda: matrix.reshape(16)), (0, 0))
+
+    def test_reads_back_to_the_host_are_counted(self):
+        matrix = torch.randn(4, 4)
+        self.assertEqual(count_operations(lambda: matrix.sum().item()).host_reads, 1)
+        self.assertEqual(count_operations(lambda: bool(matrix.sum() > 0)).host_reads, 1)
+        self.assertEqual(count_operations(lambda: matrix[matrix > 0]).host_reads, 1)
+        self.assertEqual(count_operations(lambda: matrix.sum() > 0).host_reads, 0)
