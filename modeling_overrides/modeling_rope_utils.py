@@ -327,11 +327,8 @@ def recompute_cache_at_longrope_switch(model_forward):
         if is_torchdynamo_compiling() or (switch_length := longrope_switch_length(self.config)) is None:
             return model_forward(self, *args, **kwargs)
         # By name: the decorators below read some arguments by name
-        arguments = signature.bind(self, *args, **kwargs).arguments
-        arguments = {
-            **{name: value for name, value in arguments.items() if name != "kwargs"},
-            **arguments.get("kwargs", {}),
-        }
+        bound = signature.bind(self, *args, **kwargs).arguments
+        arguments = {**{name: value for name, value in bound.items() if name != "kwargs"}, **bound.get("kwargs", {})}
         cache = arguments.get("cache", arguments.get("past_key_values"))
         input_ids, attention_mask = arguments.get("input_ids"), arguments.get("attention_mask")
         batch_size, new_tokens = (input_ids if input_ids is not None else arguments["inputs_embeds"]).shape[:2]
@@ -339,30 +336,15 @@ def recompute_cache_at_longrope_switch(model_forward):
         # An int: a static cache's length is a tensor it updates in place
         past_length = int(cache.get_seq_length()) if cache is not None else 0
         uses_long_factors = past_length + new_tokens > switch_length
-        recorded_ids = cache._longrope_input_ids if past_length > 0 else None
-        if recorded_ids is not None and (
-            recorded_ids.shape[1] < min(past_length, switch_length) or recorded_ids.shape[0] != batch_size
-        ):
-            recorded_ids = None
+        recorded_ids = _longrope_recorded_ids(cache, past_length, switch_length, batch_size)
         is_stale = past_length > 0 and cache._longrope_long_factors != uses_long_factors
-        if is_stale and (
-            input_ids is None or recorded_ids is None or (attention_mask is not None and attention_mask.ndim != 2)
-        ):
-            reason = "the cache was not filled from `input_ids` through this model"
-            if input_ids is not None and recorded_ids is not None:
-                reason = "the attention mask is 4D"
-            logger.warning_once(
-                f"The sequence crossed `original_max_position_embeddings`, where longrope switches factors, but the "
-                f"cache cannot be recomputed ({reason}): the keys it holds keep the factors they were rotated with."
-            )
-            is_stale = False
+        is_stale = is_stale and _can_feed_longrope_ids_again(input_ids, recorded_ids, attention_mask)
         if is_stale:
             cache.reset()
             arguments["input_ids"] = torch.cat([recorded_ids[:, :past_length], input_ids], dim=-1)
-            position_ids = None
+            arguments["position_ids"] = None
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            arguments["position_ids"] = position_ids
+                arguments["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
         outputs = model_forward(**arguments)
         cache = getattr(outputs, "cache", None) if cache is None else cache
@@ -375,13 +357,38 @@ def recompute_cache_at_longrope_switch(model_forward):
                 cache._longrope_input_ids = torch.cat([*prefix, input_ids], dim=-1)[:, :switch_length]
         if cache is not None:
             cache._longrope_long_factors = uses_long_factors
-        if is_stale:
-            # The outputs of the new tokens only, as the caller would get them from the cache it had
-            outputs.last_hidden_state = outputs.last_hidden_state[:, -new_tokens:]
-            if outputs.get("hidden_states") is not None:
-                outputs.hidden_states = tuple(hidden[:, -new_tokens:] for hidden in outputs.hidden_states)
-            if outputs.get("attentions") is not None:
-                outputs.attentions = tuple(weights[..., -new_tokens:, :] for weights in outputs.attentions)
-        return outputs
+        return _outputs_of_new_tokens(outputs, new_tokens) if is_stale else outputs
 
     return wrapper
+
+
+def _can_feed_longrope_ids_again(input_ids, recorded_ids, attention_mask) -> bool:
+    """Whether a cache whose factors are stale can be filled again from its ids; warns once why where it cannot."""
+    if input_ids is not None and recorded_ids is not None and (attention_mask is None or attention_mask.ndim == 2):
+        return True
+    reason = "the cache was not filled from `input_ids` through this model"
+    if input_ids is not None and recorded_ids is not None:
+        reason = "the attention mask is 4D"
+    logger.warning_once(
+        f"The sequence crossed `original_max_position_embeddings`, where longrope switches factors, but the "
+        f"cache cannot be recomputed ({reason}): the keys it holds keep the factors they were rotated with."
+    )
+    return False
+
+
+def _longrope_recorded_ids(cache, past_length: int, switch_length: int, batch_size: int):
+    """The ids `cache` recorded for its first tokens, if they cover what it holds up to the switch length."""
+    recorded_ids = cache._longrope_input_ids if past_length > 0 else None
+    if recorded_ids is None or recorded_ids.shape[1] < min(past_length, switch_length):
+        return None
+    return recorded_ids if recorded_ids.shape[0] == batch_size else None
+
+
+def _outputs_of_new_tokens(outputs, new_tokens: int):
+    """The outputs of the new tokens only, as the caller would get them from the cache it had before a recompute."""
+    outputs.last_hidden_state = outputs.last_hidden_state[:, -new_tokens:]
+    if outputs.get("hidden_states") is not None:
+        outputs.hidden_states = tuple(hidden[:, -new_tokens:] for hidden in outputs.hidden_states)
+    if outputs.get("attentions") is not None:
+        outputs.attentions = tuple(weights[..., -new_tokens:, :] for weights in outputs.attentions)
+    return outputs

@@ -26,6 +26,19 @@ def _ruff(arguments: list[str], cwd: Path) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.strip()]
 
 
+def ruff_fixed(text: str, path: str, config: Path, rules: tuple[str, ...]) -> str:
+    """`text` (the file `path` of a tree) with ruff's fixes for `rules` applied, with the settings in `config`."""
+    settings = ["--config", str(config.resolve()), "--no-cache", "--select", ",".join(rules)]
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--fix-only", "--exit-zero", *settings, "--stdin-filename", path, "-"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
 def ruff_problems(tree: Path, paths: list[str], config: Path) -> list[str]:
     """
     `ruff check` and `ruff format --check` findings on `paths` of `tree` with the settings in `config` (see

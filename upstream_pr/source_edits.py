@@ -119,40 +119,6 @@ class RemoveMethod:
 
 
 @dataclass(frozen=True)
-class RemoveUnusedImport:
-    """
-    Removes `name` from the module's top-level `from ... import` once nothing in the module uses it any more (after
-    an edit took away its last use), as ruff's F401 asks: the whole statement when it imported only that name, else
-    the statement without it, on one line. Left as it is while the name is used, or where it is not imported so.
-    """
-
-    name: str
-
-    def apply(self, text: str) -> str:
-        tree = ast.parse(text)
-        if any(isinstance(node, ast.Name) and node.id == self.name for node in ast.walk(tree)):
-            return text
-        statement = next(
-            (
-                node
-                for node in tree.body
-                if isinstance(node, ast.ImportFrom)
-                and any((alias.asname or alias.name) == self.name for alias in node.names)
-            ),
-            None,
-        )
-        if statement is None:
-            return text
-        lines = _lines(text)
-        kept = [alias for alias in statement.names if (alias.asname or alias.name) != self.name]
-        replacement = []
-        if kept:
-            names = ", ".join(ast.unparse(alias) for alias in kept)
-            replacement = [f"from {'.' * statement.level}{statement.module or ''} import {names}\n"]
-        return "".join([*lines[: statement.lineno - 1], *replacement, *lines[statement.end_lineno :]])
-
-
-@dataclass(frozen=True)
 class AddFunction:
     """Adds `source` (a module-level function written at column 0) after the module-level function `after`."""
 

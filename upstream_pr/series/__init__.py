@@ -17,7 +17,6 @@ from ..source_edits import (
     AddFunction,
     AddMethod,
     RemoveMethod,
-    RemoveUnusedImport,
     ReplaceLines,
     ReplaceMethod,
     find_class,
@@ -61,7 +60,7 @@ class MemberEdit:
     """
 
     path: str
-    edit: ReplaceMethod | AddMethod | AddFunction | AddDecorator | RemoveMethod | RemoveUnusedImport | ReplaceLines
+    edit: ReplaceMethod | AddMethod | AddFunction | AddDecorator | RemoveMethod | ReplaceLines
     expected_hash: str | None = None
 
     @property
@@ -186,9 +185,8 @@ def _cache_drop_removals() -> tuple[MemberEdit, ...]:
             ("modeling", modeling_hashes.get(model, PHI4_MULTIMODAL_MODELING_HASH)),
         ):
             path = f"src/transformers/models/{model}/{kind}_{model}.py"
+            # What only the removed method imported goes too (`build.series_files` has ruff remove unused imports)
             edits.append(MemberEdit(path, RemoveMethod(class_name, "prepare_inputs_for_generation"), expected_hash))
-            # What only the removed method used
-            edits += [MemberEdit(path, RemoveUnusedImport(name)) for name in ("GenerationMixin", "deprecate_kwarg")]
     return tuple(edits)
 
 
@@ -213,16 +211,22 @@ def _decoding_loop_edits() -> tuple[MemberEdit, ...]:
     The cache keeps the ids its first tokens were fed as (through batch operations too), the decorator in the RoPE
     utilities feeds them again, on Phi-3's decoder (its modular file defines the decoder for it).
     """
+    return (*_cache_keeps_input_ids_edits(), *_rope_utils_recompute_edits(), *_phi3_decoder_edits())
 
-    def add_line_after(path, line, added):
-        return MemberEdit(path, ReplaceLines(line, line + added))
 
-    def cache_method(name, expected_hash):
-        source = override_source("cache_utils.py", "Cache", name)
-        return MemberEdit(CACHE_UTILS, ReplaceMethod("Cache", name, source), expected_hash)
+def _add_line_after(path: str, line: str, added: str) -> MemberEdit:
+    return MemberEdit(path, ReplaceLines(line, line + added))
 
+
+def _cache_method(name: str, expected_hash: str) -> MemberEdit:
+    source = override_source("cache_utils.py", "Cache", name)
+    return MemberEdit(CACHE_UTILS, ReplaceMethod("Cache", name, source), expected_hash)
+
+
+def _cache_keeps_input_ids_edits() -> tuple[MemberEdit, ...]:
+    """`Cache` declares the ids of its first tokens; `reset` and the batch operations keep them in step."""
     return (
-        add_line_after(
+        _add_line_after(
             CACHE_UTILS,
             "        self.offloading = offloading\n",
             "        # The first `original_max_position_embeddings` ids fed through a longrope model, and whether its keys\n"
@@ -230,10 +234,16 @@ def _decoding_loop_edits() -> tuple[MemberEdit, ...]:
             "        self._longrope_input_ids = None\n"
             "        self._longrope_long_factors = False\n",
         ),
-        cache_method("reset", "8abb860460ff056796dedc6c6ce99ca3fa346b006467cc1ffc2be9e9a1683a80"),
-        cache_method("reorder_cache", "1539ddde774467471b66121c40d1bc4adcc45eb99f59dc13c8e85214e3a120a0"),
-        cache_method("batch_repeat_interleave", "815eeac54c4305d9dfbfd3e7f1e5ad20e99204751186724c5d53c1e95e8afb95"),
-        cache_method("batch_select_indices", "139d9748fee2931558f9bff1a4fb9098a265c3a8b559faa34f1da77817bd1a0c"),
+        _cache_method("reset", "8abb860460ff056796dedc6c6ce99ca3fa346b006467cc1ffc2be9e9a1683a80"),
+        _cache_method("reorder_cache", "1539ddde774467471b66121c40d1bc4adcc45eb99f59dc13c8e85214e3a120a0"),
+        _cache_method("batch_repeat_interleave", "815eeac54c4305d9dfbfd3e7f1e5ad20e99204751186724c5d53c1e95e8afb95"),
+        _cache_method("batch_select_indices", "139d9748fee2931558f9bff1a4fb9098a265c3a8b559faa34f1da77817bd1a0c"),
+    )
+
+
+def _rope_utils_recompute_edits() -> tuple[MemberEdit, ...]:
+    """The decorator `recompute_cache_at_longrope_switch` in the RoPE utilities, with its imports."""
+    return (
         MemberEdit(ROPE_UTILS, ReplaceLines("import math\n", "import inspect\nimport math\n")),
         MemberEdit(
             ROPE_UTILS,
@@ -242,14 +252,25 @@ def _decoding_loop_edits() -> tuple[MemberEdit, ...]:
                 "from .utils import is_torch_available, is_torchdynamo_compiling, logging\n",
             ),
         ),
-        MemberEdit(
-            ROPE_UTILS,
-            AddFunction(
-                "recompute_cache_at_longrope_switch",
-                override_function("modeling_rope_utils.py", "recompute_cache_at_longrope_switch"),
-                after="longrope_switch_length",
-            ),
+        *(
+            MemberEdit(ROPE_UTILS, AddFunction(name, override_function("modeling_rope_utils.py", name), after=after))
+            for name, after in RECOMPUTE_FUNCTIONS
         ),
+    )
+
+
+RECOMPUTE_FUNCTIONS = (
+    ("recompute_cache_at_longrope_switch", "longrope_switch_length"),
+    ("_can_feed_longrope_ids_again", "recompute_cache_at_longrope_switch"),
+    ("_longrope_recorded_ids", "_can_feed_longrope_ids_again"),
+    ("_outputs_of_new_tokens", "_longrope_recorded_ids"),
+)
+"""The decorator and its helpers, each added after the one before (as `modeling_overrides` orders them)."""
+
+
+def _phi3_decoder_edits() -> tuple[MemberEdit, ...]:
+    """Phi-3's decoder decorated, in its modeling file and in its modular file (which then defines the decoder)."""
+    return (
         MemberEdit(
             PHI3_MODELING,
             ReplaceLines(
@@ -263,7 +284,7 @@ def _decoding_loop_edits() -> tuple[MemberEdit, ...]:
             AddDecorator("Phi3Model", "forward", "recompute_cache_at_longrope_switch"),
             PHI3_MODEL_FORWARD_HASH,
         ),
-        add_line_after(
+        _add_line_after(
             PHI3_MODULAR,
             "from ...modeling_flash_attention_utils import FlashAttentionKwargs\n",
             "from ...modeling_rope_utils import recompute_cache_at_longrope_switch\n",
@@ -272,12 +293,12 @@ def _decoding_loop_edits() -> tuple[MemberEdit, ...]:
             PHI3_MODULAR,
             ReplaceLines("from ...utils import logging\n", "from ...utils import auto_docstring, logging\n"),
         ),
-        add_line_after(
+        _add_line_after(
             PHI3_MODULAR,
             "from ...utils.deprecation import deprecate_kwarg\n",
             "from ...utils.generic import merge_with_config_defaults\nfrom ...utils.output_capturing import capture_outputs\n",
         ),
-        add_line_after(PHI3_MODULAR, "    MistralForTokenClassification,\n", "    MistralModel,\n"),
+        _add_line_after(PHI3_MODULAR, "    MistralForTokenClassification,\n", "    MistralModel,\n"),
         MemberEdit(
             PHI3_MODULAR,
             ReplaceLines(

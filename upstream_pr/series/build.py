@@ -9,6 +9,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from ..checks import ruff_config, ruff_fixed
 from . import SERIES, MemberEdit, PullRequest, member_source, source_hash
 
 
@@ -92,7 +93,8 @@ def series_files(tree: Path) -> list[PullRequestFiles]:
     Every pull request of the series on `tree`, in order, each made on the tree as the ones before it leave it.
     Raises `UnplaceableSeriesError` (nothing is made) when the tree is not one the series is written for.
     """
-    check_release(tree)
+    release = check_release(tree)
+    config = ruff_config(tree, release.major)
     overlay = {}
     made = []
     for number, pull_request in enumerate(SERIES, start=1):
@@ -103,7 +105,11 @@ def series_files(tree: Path) -> list[PullRequestFiles]:
                 raise UnplaceableSeriesError(f"{member_edit.path} does not exist in {tree}")
             texts.setdefault(member_edit.path, (before, before))
             overlay[member_edit.path] = _apply_edit(overlay.get(member_edit.path, before), member_edit)
-            texts[member_edit.path] = (texts[member_edit.path][0], overlay[member_edit.path])
+        for path, (before, _) in texts.items():
+            # The imports its edits left unused (a removed method's) go as ruff removes them: upstream's files have
+            # none of their own, so the fix touches only what the pull request changed
+            overlay[path] = ruff_fixed(overlay[path], path, config, rules=("F401",))
+            texts[path] = (before, overlay[path])
         tests = pull_request.tests
         existing = _read(tree, overlay, tests.checkout_path)
         test_path = tests.checkout_path if existing is not None else tests.new_path
