@@ -128,11 +128,12 @@ def _continuous_batching(model) -> list[float]:
     return [error for _, error in continuous_batching_errors(model, prompts, max_new_tokens=NEW_TOKENS, **settings)]
 
 
-def decoding_paths(rows_are_rotated_alone: bool = True) -> dict[str, Measurement | str]:
+def decoding_paths(rows_are_rotated_alone: bool = True, rope_type: str = "longrope") -> dict[str, Measurement | str]:
     """
     Each decoding path across the switch on the installed release: its measurement, or why it is not measured.
     `rows_are_rotated_alone`: whether the patches give each row of a left-padded batch its own RoPE factors for the
     model at hand (where they do not, the batch is rotated as upstream rotates it, and not compared row by row).
+    `rope_type`: the model's, `"longrope"` or `"dynamic"`.
     """
     paths = {
         "loop, DynamicCache": _loop("dynamic"),
@@ -152,6 +153,11 @@ def decoding_paths(rows_are_rotated_alone: bool = True) -> dict[str, Measurement
         paths["loop, deprecated past_key_values="] = _loop("dynamic", cache_keyword="past_key_values")
     if protects_continuous_batching(str(TRANSFORMERS_VERSION)):
         paths["generate_batch() packed requests"] = _continuous_batching
+    if rope_type == "dynamic":
+        # Measured on a tiny Llama, 5.0 to 5.24: one step off by 8e-2 (upstream, 0.3); see docs/design.md
+        paths["generate() prompt lookup"] = (
+            "dynamic NTK: a prompt-lookup pass whose candidates cross max_position_embeddings can leave a step off"
+        )
     if not rows_are_rotated_alone:
         paths["generate() left-padded batch"] = "this release rotates the batch with one factor set, as upstream"
     if Version("4.46") > TRANSFORMERS_VERSION:

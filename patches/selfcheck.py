@@ -40,6 +40,7 @@ class CheckedFamily:
     build: Callable[[], torch.nn.Module]
     stale_cache: dict[str, str] | None = None
     rows_are_rotated_alone: bool = True
+    rope_type: str = "longrope"
 
 
 FAMILY_NAMES = {"phi3": "Phi-3", "phimoe": "PhiMoE", "phi4_multimodal": "Phi-4-multimodal", "minicpm3": "MiniCPM3"}
@@ -81,6 +82,7 @@ def checked_families() -> list[CheckedFamily]:
                     partial(build, rope_type),
                     {"dynamic": "recompute"} if rope_type == "dynamic" else None,
                     _rows_are_rotated_alone(module_name, rope_type),
+                    rope_type,
                 )
             )
     return families
@@ -208,7 +210,7 @@ def _check_families(force: bool, progress: Callable[[str], None] | None, skipped
                     results.append(PathResult(family.name, "every path", "skipped", reason))
                     continue
                 model.generation_config.pad_token_id = 0
-                for path, measure in decoding_paths(family.rows_are_rotated_alone).items():
+                for path, measure in decoding_paths(family.rows_are_rotated_alone, family.rope_type).items():
                     started = time.monotonic()
                     if isinstance(measure, str):
                         result = PathResult(family.name, path, "skipped", measure)
