@@ -106,9 +106,10 @@ def series_files(tree: Path) -> list[PullRequestFiles]:
             texts.setdefault(member_edit.path, (before, before))
             overlay[member_edit.path] = _apply_edit(overlay.get(member_edit.path, before), member_edit)
         for path, (before, _) in texts.items():
-            # The imports its edits left unused (a removed method's) go as ruff removes them: upstream's files have
-            # none of their own, so the fix touches only what the pull request changed
-            overlay[path] = ruff_fixed(overlay[path], path, config, rules=("F401",))
+            # The imports its edits left unused (a removed method's) go, and the import blocks they touched are
+            # sorted, as ruff fixes them: upstream's files have no such finding of their own, so the fixes touch only
+            # what the pull request changed
+            overlay[path] = ruff_fixed(overlay[path], path, config, rules=("F401", "I001"))
             texts[path] = (before, overlay[path])
         tests = pull_request.tests
         existing = _read(tree, overlay, tests.checkout_path)
