@@ -360,6 +360,28 @@ def _query_tiles_per_pass(batch_size, num_heads, num_query_tiles, num_key_blocks
     return max(1, min(num_query_tiles, MAX_PASS_BYTES // (bytes_per_query * QUERY_TILE)))
 
 
+def _keys_for_products(key: torch.Tensor) -> torch.Tensor:
+    """
+    The keys in the one layout the products meet: contiguous (in fp16 a product with keys strided across heads, as a
+    forward pass without cache has them, rounds unlike one with contiguous keys, as a cache has them), and at least
+    one `KEY_BLOCK` long (MKL in fp32 rounds a product against fewer than about 10 keys unlike one against more: the
+    first block's keys are padded to a whole block, which the mask hides).
+    """
+    keys = key.contiguous()
+    if keys.shape[2] < KEY_BLOCK:
+        keys = F.pad(keys, (0, 0, 0, KEY_BLOCK - keys.shape[2]))
+    return keys
+
+
+def _grouped_by_key_value_head(mask: torch.Tensor | None, num_key_value_heads: int, groups: int):
+    """A pass's mask with its heads split as the queries are, `(key-value head, group)`; a mask shared by every head
+    as `(1, 1)`."""
+    if mask is None:
+        return None
+    mask_heads = (num_key_value_heads, groups) if mask.shape[1] > 1 else (1, 1)
+    return mask.view(mask.shape[0], *mask_heads, *mask.shape[2:])
+
+
 def _consistent_attention(module, query, key, value, *, attention_mask, scaling, dropout, return_weights):
     """
     The attention both consistent forwards compute: `(batch, heads, queries, head_dim)` queries over
@@ -385,13 +407,7 @@ def _consistent_attention(module, query, key, value, *, attention_mask, scaling,
     queries = F.pad(query, (0, 0, 0, query_padding)) if query_padding else query
     queries = queries.view(batch_size, num_key_value_heads, groups, -1, head_dim)
     padded_query_length = queries.shape[3]
-    # The products meet keys in one layout: in fp16 a product with keys strided across heads (a forward pass without
-    # cache) rounds unlike one with contiguous keys (a cache)
-    keys = key.contiguous()
-    if key_length < KEY_BLOCK:
-        # MKL in fp32 rounds a product against fewer than about 10 keys unlike one against more: the first block's
-        # keys are padded to a whole block, which the mask hides
-        keys = F.pad(keys, (0, 0, 0, KEY_BLOCK - key_length))
+    keys = _keys_for_products(key)
     value_blocks = _to_blocks(value, KEY_BLOCK)
     num_key_blocks = value_blocks.shape[2]
 
@@ -402,9 +418,7 @@ def _consistent_attention(module, query, key, value, *, attention_mask, scaling,
     for start in range(0, padded_query_length, query_tiles * QUERY_TILE):
         rows = range(start, min(start + query_tiles * QUERY_TILE, padded_query_length))
         mask = _pass_mask(attention_mask, rows, query_length, key_length, keys.shape[2], query.device)
-        if mask is not None:
-            mask_heads = (num_key_value_heads, groups) if mask.shape[1] > 1 else (1, 1)
-            mask = mask.view(mask.shape[0], *mask_heads, *mask.shape[2:])
+        mask = _grouped_by_key_value_head(mask, num_key_value_heads, groups)
         output, attention_weights = _attention_pass(
             queries[:, :, :, rows.start : rows.stop],
             keys,

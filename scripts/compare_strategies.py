@@ -147,6 +147,7 @@ def plot(path: Path, step_rows: list[dict], layer_rows: list[dict]) -> bool:
 
 
 def main() -> None:
+    """Measures every strategy at the switch and writes the table, the CSVs and the PNG (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("out/strategies"), help="where the CSVs and PNG go")
     parser.add_argument("--steps-after-switch", type=int, default=12, help="decoding steps past the switch")

@@ -123,6 +123,8 @@ def run_self_check(python: Path, release: str, matrix_dir: Path, jobs: int) -> t
 
 
 def main() -> int:
+    """Makes the environments (ahead, in a thread), runs the suite or the self-check in each, prints the table; the
+    exit status is non-zero if any release failed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--releases",

@@ -114,6 +114,11 @@ CACHE_UTILS = "src/transformers/cache_utils.py"
 
 
 def _generation_utils_edits() -> tuple[MemberEdit, ...]:
+    """
+    Pull request 01's edits: `longrope_switch_length` in the RoPE utilities, and `GenerationMixin`'s members as it
+    leaves them (read from `modeling_overrides/generation/utils.py`), each pinned by the sha256 of the 5.24 source it
+    replaces.
+    """
     path = "src/transformers/generation/utils.py"
 
     def source(name):
