@@ -1,5 +1,7 @@
 """
-Binds the fixes in `modeling_overrides` to the installed transformers at run time.
+Binds the fixes to the installed transformers at run time: the upstream code of `modeling_overrides`, with what only
+a patch needs around it (`rope_cache_utils`: the cache record and its policies; `older_releases`: the code of older
+releases; `continuous_batching`; `consistent_decoding`).
 
     import patches
     patches.apply()                  # or: import patches.auto
@@ -18,7 +20,12 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
-from modeling_overrides.rope_cache_utils import (
+from . import versions
+from .binding import Binding, original_attribute
+from .consistent_decoding import ConsistentDecodingCompileError
+from .coverage import CONSISTENT_DECODING, CONTINUOUS_BATCHING
+from .hooks import rebind_all_hooked_forwards
+from .rope_cache_utils import (
     DEFAULT_STALE_CACHE_POLICIES,
     STALE_CACHE_POLICIES,
     StaleRopeCacheError,
@@ -27,12 +34,6 @@ from modeling_overrides.rope_cache_utils import (
     normalize_stale_cache_policy,
     set_stale_cache_policy,
 )
-
-from . import versions
-from .binding import Binding, original_attribute
-from .consistent_decoding import ConsistentDecodingCompileError
-from .coverage import CONSISTENT_DECODING, CONTINUOUS_BATCHING
-from .hooks import rebind_all_hooked_forwards
 
 
 __all__ = [

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Binding:
     """
-    One attribute of an installed class (or module) replaced by code from `modeling_overrides`.
+    One attribute of an installed class (or module) replaced by the patches' code.
 
     Args:
         name: how `status()` names it, e.g. `"Phi3ForCausalLM.forward"`.

@@ -28,7 +28,7 @@ class Era:
         tested_releases: the releases of the era the whole suite runs on (`make test-matrix`).
         markers: regular expressions that all match (line by line) in the era's `models/phi3/modeling_phi3.py` and
             that an older era's do not all match: how an installed release or a source tree is recognised.
-        phi3_rotary_override: the module of `modeling_overrides/models/phi3/` that replaces Phi-3's rotary code in
+        phi3_rotary_override: the module of `patches/older_releases/` that replaces Phi-3's rotary code in
             this era, or `None` where the shared `dynamic_rope_update` decorator makes the update.
         models_update_their_own_frequencies: each rotary embedding calls a `_dynamic_frequency_update` of its own
             (before 4.51), which the pull request moves to `dynamic_rope_update`.
@@ -188,7 +188,7 @@ leaves a family out whole when one of its bindings is refused."""
 class DecoratedMethod:
     """
     A method of transformers' continuous batching that gets a decorator of
-    `modeling_overrides/generation/continuous_batching.py`, at run time and in the pull request alike.
+    `patches/continuous_batching.py`.
 
     Args:
         module: its module in `transformers.generation.continuous_batching`.
@@ -258,9 +258,6 @@ CONTINUOUS_BATCHING_METHODS = (
 )
 """Where the continuous-batching fix attaches, from `CONTINUOUS_BATCHING_FROM` on."""
 
-CONTINUOUS_BATCHING_MODULE = "generation.continuous_batching.rope"
-"""Where `modeling_overrides/generation/continuous_batching.py` goes in transformers (the pull request)."""
-
 
 def supported_requirement() -> str:
     """The transformers requirement the tested releases support: from the oldest to the newest one's minor."""
@@ -276,7 +273,7 @@ patches re-decorate its `forward` with `dynamic_rope_update`."""
 PHI3_ROTARY = "phi3"
 """Phi-3's, replaced per era (`Era.phi3_rotary_override`)."""
 PHIMOE_ROTARY = "phimoe"
-"""PhiMoE's, which builds its own tables (`modeling_overrides/models/phimoe/`)."""
+"""PhiMoE's, which builds its own tables (`modeling_overrides/models/phimoe/` from 5.0, `patches/older_releases/` before)."""
 
 PER_ROW = "per row"
 BATCH_WIDE_WITHOUT_POSITIONS = (

@@ -7,9 +7,9 @@ import inspect
 
 import torch
 
-from modeling_overrides.rope_cache_utils import positions_from_attention_mask
 from transformers import Phi3ForCausalLM
 
+from .rope_cache_utils import positions_from_attention_mask
 from .tiny_models import SWITCH_POINT, new_cache, random_tokens, reset_dynamic_rope
 
 

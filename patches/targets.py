@@ -7,7 +7,8 @@ replaced function is checked (signature and source fingerprint) against the one 
 function that differs is refused, not patched blind.
 
 For every covered model: its rotary embedding's `forward` is re-decorated with the patches' `dynamic_rope_update`
-(Phi-3's replaced as its era needs, PhiMoE's by `modeling_overrides/models/phimoe/`); its decoder's `forward` is
+(Phi-3's replaced as its era needs, PhiMoE's by `modeling_overrides/models/phimoe/`; older releases' by
+`patches/older_releases/`); its decoder's `forward` is
 decorated with `check_rope_cache`, its causal LM's with `split_at_rope_switch`, and its `prepare_inputs_for_generation`
 with `check_rope_cache_in_generation` (from 4.45 the generic implementation in place of the Phi models' own, whose
 only addition is dropping the cache at the switch).
@@ -27,11 +28,6 @@ from functools import partial
 import torch
 
 from modeling_overrides import modeling_rope_utils
-from modeling_overrides.rope_cache_utils import (
-    check_rope_cache,
-    check_rope_cache_in_generation,
-    split_at_rope_switch,
-)
 
 from .binding import (
     Binding,
@@ -59,6 +55,11 @@ from .coverage import (
     protects_continuous_batching,
     recognise_era,
     rotates_per_row,
+)
+from .rope_cache_utils import (
+    check_rope_cache,
+    check_rope_cache_in_generation,
+    split_at_rope_switch,
 )
 
 
@@ -181,7 +182,7 @@ def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
     except UnrecognisedEraError as error:
         return [_refused_binding(modeling_phi3.Phi3RotaryEmbedding, "forward", str(error))]
     if era.phi3_rotary_override == "modeling_phi3_v4_46":
-        from modeling_overrides.models.phi3 import modeling_phi3_v4_46
+        from .older_releases import modeling_phi3_v4_46
 
         return [
             Binding(
@@ -199,7 +200,7 @@ def phi3_rotary_bindings(modeling_phi3) -> list[Binding]:
     if era.phi3_rotary_override == "modeling_phi3_v4_50":
         # `forward` calls the update methods, then rotates with `inv_freq`; it becomes the 4.51 form, whose update
         # (for the batch or for each row) is the `dynamic_rope_update` decorator's
-        from modeling_overrides.models.phi3 import modeling_phi3_v4_50
+        from .older_releases import modeling_phi3_v4_50
 
         return [
             Binding(
@@ -298,7 +299,7 @@ def cache_bindings(
     ):
         # 4.46 and 4.47: the forward pass also warns at the switch, with a device->host synchronisation at every step.
         # 4.45's (without `loss_kwargs`, and its loss computed in place) is decorated as it is: its warning stays
-        from modeling_overrides.models.phi3 import modeling_phi3_v4_46
+        from .older_releases import modeling_phi3_v4_46
 
         bindings.append(
             Binding(
@@ -363,7 +364,7 @@ def _phimoe_rotary_binding(modeling_phimoe, frequencies_per_row: bool) -> Bindin
       the long ones, and picks its scale with a device->host synchronisation.
     """
     if not frequencies_per_row:
-        from modeling_overrides.models.phimoe import modeling_phimoe_v4_57
+        from .older_releases import modeling_phimoe_v4_57
 
         return Binding(
             name="PhimoeRotaryEmbedding.forward",
@@ -558,7 +559,7 @@ def _continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Bi
     if not protects_continuous_batching(transformers.__version__):
         return [unprotected_continuous_batching_binding()]
     # Imported only here: it imports the release's continuous batching, whose modules older releases lack
-    from modeling_overrides.generation import continuous_batching as rope_batching
+    from . import continuous_batching as rope_batching
 
     bindings = []
     for method in CONTINUOUS_BATCHING_METHODS:

@@ -12,7 +12,7 @@ import functools
 import inspect
 import warnings
 
-from modeling_overrides.rope_cache_utils import (
+from .rope_cache_utils import (
     CACHE_ARGUMENT_NAMES,
     StaleRopeCacheError,
     StaleRopeCacheWarning,

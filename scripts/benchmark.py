@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patches  # noqa: E402
 import transformers
-from modeling_overrides.rope_cache_utils import positions_from_attention_mask  # noqa: E402
 from patches.coverage import CONTINUOUS_BATCHING_FROM, protects_continuous_batching  # noqa: E402
 from patches.reference import LOGITS_TO_KEEP_ARGUMENT  # noqa: E402
+from patches.rope_cache_utils import positions_from_attention_mask  # noqa: E402
 from patches.tiny_models import new_cache, random_tokens  # noqa: E402
 from scripts.bench_models import BENCH_MODELS, build_model, default_model, describe_run  # noqa: E402
 from scripts.profile_decoding import (  # noqa: E402

@@ -10,7 +10,6 @@ import torch
 from packaging.version import Version
 
 import patches
-from modeling_overrides.rope_cache_utils import positions_from_attention_mask, rope_frequency_regime
 from patches.reference import (  # noqa: F401
     CACHE_KEYWORD,
     FP32_TOLERANCE,
@@ -22,6 +21,7 @@ from patches.reference import (  # noqa: F401
     no_cache_logits,
     row_alone_errors,
 )
+from patches.rope_cache_utils import positions_from_attention_mask, rope_frequency_regime
 from patches.tiny_models import (  # noqa: F401
     DYNAMIC_NTK_FACTOR,
     LLAMA_7B_SHAPE,

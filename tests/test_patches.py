@@ -128,7 +128,7 @@ class PatchesApiTest(unittest.TestCase):
         self.assertEqual(patches.revert().left_out, {})
 
     def test_status_reports_the_policy_in_force_whoever_set_it(self):
-        from modeling_overrides.rope_cache_utils import set_stale_cache_policy
+        from patches.rope_cache_utils import set_stale_cache_policy
 
         patches.apply()
         set_stale_cache_policy({"longrope": "raise"})

@@ -23,7 +23,7 @@ import torch
 from parameterized import parameterized
 
 import patches
-from modeling_overrides import rope_cache_utils
+from patches import rope_cache_utils
 from transformers import StaticCache
 from transformers.testing_utils import (
     CaptureLogger,

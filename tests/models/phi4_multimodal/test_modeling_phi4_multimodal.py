@@ -18,7 +18,7 @@ import unittest
 import torch
 
 import patches
-from modeling_overrides.rope_cache_utils import StaleRopeCacheError
+from patches.rope_cache_utils import StaleRopeCacheError
 from transformers.testing_utils import require_torch
 
 from ...cache_consistency_utils import (

@@ -39,10 +39,10 @@ from functools import wraps
 
 import torch
 
+from modeling_overrides.modeling_rope_utils import PackedSequenceLengths, get_rope_type, packed_sequence_lengths
 from transformers.generation.continuous_batching.requests import RequestStatus
 
-from ..modeling_rope_utils import PackedSequenceLengths, get_rope_type, packed_sequence_lengths
-from ..rope_cache_utils import (
+from .rope_cache_utils import (
     StaleRopeCacheError,
     StaleRopeCacheWarning,
     get_stale_cache_policy,
