@@ -12,7 +12,7 @@ import torch
 from packaging.version import Version
 
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
+from transformers import Cache, DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, StaticCache
 
 from .coverage import MODELS
 
@@ -196,6 +196,9 @@ def new_cache(kind: str, config, max_cache_len: int = 3 * SWITCH_POINT, device="
         accepts_config = "config" in inspect.signature(DynamicCache.__init__).parameters
         return DynamicCache(config=config) if accepts_config else DynamicCache()
     parameters = inspect.signature(StaticCache.__init__).parameters
+    if "config" not in parameters:
+        # 4.54-4.55: `StaticCache` passes its arguments on to `Cache.__init__`, whose layers want the batch size
+        parameters = inspect.signature(Cache.__init__).parameters
     if "max_batch_size" in parameters:
         device = {"device": device} if "device" in parameters else {}
         return StaticCache(config=config, max_batch_size=1, max_cache_len=max_cache_len, dtype=dtype, **device)
