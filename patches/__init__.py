@@ -1,7 +1,8 @@
 """
-Binds the fixes to the installed transformers at run time: the upstream code of `modeling_overrides`, with what only
-a patch needs around it (`rope_cache_utils`: the cache record and its policies; `older_releases`: the code of older
-releases; `continuous_batching`; `consistent_decoding`).
+Binds the fixes to the installed transformers at run time: the frequency updates (`rope_frequencies`, and the rotary
+`forward`s of `phimoe_rotary` and `older_releases`), the cache record and its policies (`rope_cache_utils`), continuous
+batching (`continuous_batching`) and consistent mode (`consistent_decoding`). The pull-request series' code is in
+`modeling_overrides`.
 
     import patches
     patches.apply()                  # or: import patches.auto

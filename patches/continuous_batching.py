@@ -20,7 +20,7 @@ paged cache. With longrope or dynamic NTK, two things go wrong unless each reque
 1. **Per-request frequencies.** The rotary embedding would pick the frequencies of the whole row (its largest
    position), so one long request switches every packed request to the long factors. `with_request_rope_lengths`
    records each token's request length when a batch is prepared (on the host, where the scheduler knows them), and
-   `rotate_each_request_alone` lets the rotary embedding read them (`modeling_rope_utils.packed_sequence_lengths`):
+   `rotate_each_request_alone` lets the rotary embedding read them (`rope_frequencies.packed_sequence_lengths`):
    each token is rotated with the frequencies of its own request's length, chosen on the device.
 2. **Stale blocks.** A request that crosses the switch keeps keys computed with the short factors in its blocks.
    `recompute_crossing_requests` applies the stale-cache policy before each batch is scheduled: `"recompute"` (and
@@ -39,7 +39,6 @@ from functools import wraps
 
 import torch
 
-from modeling_overrides.modeling_rope_utils import PackedSequenceLengths, get_rope_type, packed_sequence_lengths
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from .rope_cache_utils import (
@@ -48,6 +47,7 @@ from .rope_cache_utils import (
     get_stale_cache_policy,
     rope_frequency_regime,
 )
+from .rope_frequencies import PackedSequenceLengths, get_rope_type, packed_sequence_lengths
 
 
 RECOMPUTING_POLICIES = ("recompute", "rerotate")

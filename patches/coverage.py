@@ -273,7 +273,7 @@ patches re-decorate its `forward` with `dynamic_rope_update`."""
 PHI3_ROTARY = "phi3"
 """Phi-3's, replaced per era (`Era.phi3_rotary_override`)."""
 PHIMOE_ROTARY = "phimoe"
-"""PhiMoE's, which builds its own tables (`modeling_overrides/models/phimoe/` from 5.0, `patches/older_releases/` before)."""
+"""PhiMoE's, which builds its own tables (`patches/phimoe_rotary.py` from 5.0, `patches/older_releases/` before)."""
 
 PER_ROW = "per row"
 BATCH_WIDE_WITHOUT_POSITIONS = (

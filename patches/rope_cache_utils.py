@@ -54,14 +54,15 @@ from functools import partial, wraps
 
 import torch
 
-from modeling_overrides.modeling_rope_utils import (
+from transformers.cache_utils import DynamicCache
+from transformers.utils import is_torchdynamo_compiling
+
+from .rope_frequencies import (
     get_longrope_switch_point,
     get_rope_type,
     inverse_frequencies,
     longrope_uses_long_factors,
 )
-from transformers.cache_utils import DynamicCache
-from transformers.utils import is_torchdynamo_compiling
 
 
 # 1. Stale-cache policies

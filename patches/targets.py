@@ -7,7 +7,7 @@ replaced function is checked (signature and source fingerprint) against the one 
 function that differs is refused, not patched blind.
 
 For every covered model: its rotary embedding's `forward` is re-decorated with the patches' `dynamic_rope_update`
-(Phi-3's replaced as its era needs, PhiMoE's by `modeling_overrides/models/phimoe/`; older releases' by
+(Phi-3's replaced as its era needs, PhiMoE's by `patches/phimoe_rotary.py`; older releases' by
 `patches/older_releases/`); its decoder's `forward` is
 decorated with `check_rope_cache`, its causal LM's with `split_at_rope_switch`, and its `prepare_inputs_for_generation`
 with `check_rope_cache_in_generation` (from 4.45 the generic implementation in place of the Phi models' own, whose
@@ -16,7 +16,7 @@ only addition is dropping the cache at the switch).
 With `consistent=True`, `consistent_decoding_bindings` also replaces `torch.nn.Linear.forward`, the `forward` of the
 SiLU classes `ACT2FN` builds, and, in the modeling modules of the models marked `consistent`,
 `eager_attention_forward` and `ALL_ATTENTION_FUNCTIONS` (module attributes), with the row-invariant code of
-`patches/consistent_decoding.py` (a feature of the patches only, so not in `modeling_overrides`).
+`patches/consistent_decoding.py` (a feature of the patches only).
 """
 
 import dataclasses
@@ -27,8 +27,7 @@ from functools import partial
 
 import torch
 
-from modeling_overrides import modeling_rope_utils
-
+from . import rope_frequencies
 from .binding import (
     Binding,
     all_checks,
@@ -126,7 +125,7 @@ def _rotary_forward_check(original) -> str | None:
 
 def _rotary_forward_replacement(original):
     # `forward` is decorated when its class is defined, so the decorator is re-applied to the undecorated function
-    return torch.no_grad()(modeling_rope_utils.dynamic_rope_update(inspect.unwrap(original)))
+    return torch.no_grad()(rope_frequencies.dynamic_rope_update(inspect.unwrap(original)))
 
 
 def _forward_check(required: list[str]):
@@ -378,7 +377,7 @@ def _phimoe_rotary_binding(modeling_phimoe, frequencies_per_row: bool) -> Bindin
                 ),
             ),
         )
-    from modeling_overrides.models.phimoe import modeling_phimoe as phimoe_overrides
+    from . import phimoe_rotary
 
     def check(original) -> str | None:
         if original is not None and "layer_type" in parameter_names(original):
@@ -393,8 +392,8 @@ def _phimoe_rotary_binding(modeling_phimoe, frequencies_per_row: bool) -> Bindin
 
     def replacement(original):
         if "layer_type" in parameter_names(original):
-            return refusing_layer_types(phimoe_overrides.PhimoeRotaryEmbedding.forward)
-        return phimoe_overrides.PhimoeRotaryEmbedding.forward
+            return refusing_layer_types(phimoe_rotary.PhimoeRotaryEmbedding.forward)
+        return phimoe_rotary.PhimoeRotaryEmbedding.forward
 
     return Binding(
         name="PhimoeRotaryEmbedding.forward",

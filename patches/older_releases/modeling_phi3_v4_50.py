@@ -22,7 +22,7 @@ Only the methods that change are written here; everything else is upstream's.
 import torch
 from torch import nn
 
-from modeling_overrides.modeling_rope_utils import dynamic_rope_update
+from ..rope_frequencies import dynamic_rope_update
 
 
 class Phi3RotaryEmbedding(nn.Module):

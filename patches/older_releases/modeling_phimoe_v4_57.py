@@ -25,10 +25,10 @@ Only the methods that change are written here; everything else is upstream's.
 import torch
 from torch import nn
 
-from modeling_overrides.modeling_rope_utils import get_longrope_switch_point
 from transformers.generation import GenerationMixin
 
 from ..rope_cache_utils import check_rope_cache_in_generation
+from ..rope_frequencies import get_longrope_switch_point
 
 
 class PhimoeRotaryEmbedding(nn.Module):

@@ -11,12 +11,13 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""PhiMoE modeling code as it stands in transformers 5.x. Only the methods that change are written here."""
+"""PhiMoE's rotary `forward` as the patches bind it from 5.0, in the style of its modeling file: it switches to the long
+factors and scale by each row's length (upstream's recomputes the short frequencies at every call)."""
 
 import torch
 from torch import nn
 
-from ...modeling_rope_utils import current_packed_sequence_lengths, dynamic_rope_update
+from .rope_frequencies import current_packed_sequence_lengths, dynamic_rope_update
 
 
 class PhimoeRotaryEmbedding(nn.Module):
