@@ -18,10 +18,129 @@ from functools import wraps
 
 import torch
 
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling, logging
 
 
 logger = logging.get_logger(__name__)
+
+
+def dynamic_rope_update(rope_forward):
+    """
+    Decorator function to update the RoPE parameters in the forward pass, if the model is using a dynamic RoPE
+    (i.e. a RoPE implementation that may recompute its frequencies in the forward pass).
+
+    Args:
+        rope_forward (Callable):
+            The forward pass of the RoPE implementation.
+
+    Returns:
+        The decorated forward pass.
+    """
+
+    def longrope_frequency_update(self, position_ids, device, layer_type=None):
+        """Longrope uses long factor if sequence is larger than original pretraining length, short otherwise."""
+        seq_len = torch.max(position_ids) + 1
+
+        if layer_type is None:
+            rope_type = self.rope_type
+            original_inv_freq = self.original_inv_freq
+            prefix = ""
+            original_max_position_embeddings = self.config.rope_parameters["original_max_position_embeddings"]
+        else:
+            rope_type = self.rope_type[layer_type]
+            original_inv_freq = getattr(self, f"{layer_type}_original_inv_freq")
+            prefix = f"{layer_type}_"
+            original_max_position_embeddings = self.config.rope_parameters[layer_type][
+                "original_max_position_embeddings"
+            ]
+
+        long_inv_freq = getattr(self, f"{prefix}long_inv_freq", None)
+        if long_inv_freq is None:
+            rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+            long_inv_freq, _ = rope_init_fn(
+                self.config,
+                device,
+                seq_len=original_max_position_embeddings + 1,
+                layer_type=layer_type,
+            )
+        # `long_inv_freq` is a plain attribute and does not follow `model.to(...)`, so move it here
+        long_inv_freq = long_inv_freq.to(device)
+        original_inv_freq = original_inv_freq.to(device)
+        setattr(self, f"{prefix}long_inv_freq", long_inv_freq)
+
+        # `seq_len` is a scalar, so this picks the long or short set for all positions, like an if/else but traceable
+        inv_freq = torch.where(seq_len > original_max_position_embeddings, long_inv_freq, original_inv_freq)
+        # Update in place so the buffer keeps its address, which CUDA graphs replay from
+        getattr(self, f"{prefix}inv_freq").copy_(inv_freq)
+        # Each row of a batch takes the set of its own length, as it would alone (left padding makes them differ)
+        if position_ids.ndim != 2 or position_ids.shape[0] == 1 or is_torchdynamo_compiling():
+            return None
+        row_seq_len = position_ids.amax(dim=-1)[:, None, None] + 1
+        return torch.where(row_seq_len > original_max_position_embeddings, long_inv_freq, original_inv_freq)
+
+    def dynamic_frequency_update(self, position_ids, device, layer_type=None):
+        """
+        dynamic RoPE layers should recompute `inv_freq` in the following situations:
+        1 - growing beyond the cached sequence length (allow scaling)
+        2 - the current sequence length is in the original scale (avoid losing precision with small sequences)
+        """
+        seq_len = torch.max(position_ids) + 1
+        if layer_type is None:
+            rope_type = self.rope_type
+            max_seq_len_cached = self.max_seq_len_cached
+            original_inv_freq = self.original_inv_freq
+            prefix = ""
+        else:
+            rope_type = self.rope_type[layer_type]
+            max_seq_len_cached = getattr(self, f"{layer_type}_max_seq_len_cached", self.max_seq_len_cached)
+            original_inv_freq = getattr(self, f"{layer_type}_original_inv_freq")
+            prefix = f"{layer_type}_"
+
+        if seq_len > max_seq_len_cached:  # growth
+            rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+            inv_freq, self.attention_scaling = rope_init_fn(
+                self.config,
+                device,
+                seq_len=seq_len,
+                layer_type=layer_type,
+            )
+            # TODO joao: may break with compilation
+            self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
+            setattr(self, f"{prefix}max_seq_len_cached", seq_len)
+
+        if seq_len < self.original_max_seq_len and max_seq_len_cached > self.original_max_seq_len:  # reset
+            # This .to() is needed if the model has been moved to a device after being initialized (because
+            # the buffer is automatically moved, but not the original copy)
+            original_inv_freq = original_inv_freq.to(device)
+            self.register_buffer(f"{prefix}inv_freq", original_inv_freq, persistent=False)
+            setattr(self, f"{prefix}original_inv_freq", original_inv_freq)
+            setattr(self, f"{prefix}max_seq_len_cached", self.original_max_seq_len)
+
+    def rope_forward_per_row(self, x, position_ids, row_inv_freq, **kwargs):
+        """`inv_freq` multiplies `position_ids[..., None]`: `row_inv_freq` of shape `(batch_size, 1, dim // 2)` rotates
+        each row with its own frequencies in one pass, and the buffer itself is not written."""
+        name = "inv_freq" if "layer_type" not in kwargs else f"{kwargs['layer_type']}_inv_freq"
+        inv_freq = self._buffers[name]
+        self._buffers[name] = row_inv_freq
+        try:
+            return rope_forward(self, x, position_ids, **kwargs)
+        finally:
+            self._buffers[name] = inv_freq
+
+    @wraps(rope_forward)
+    def wrapper(self, x, position_ids, layer_type=None):
+        rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
+        kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+        if "dynamic" in rope_type:
+            dynamic_frequency_update(self, position_ids, device=x.device, **kwargs)
+        elif rope_type == "longrope":
+            row_inv_freq = longrope_frequency_update(self, position_ids, device=x.device, **kwargs)
+            if row_inv_freq is not None:
+                return rope_forward_per_row(self, x, position_ids, row_inv_freq, **kwargs)
+        return rope_forward(self, x, position_ids, **kwargs)
+
+    return wrapper
 
 
 def longrope_switch_length(config) -> int | None:

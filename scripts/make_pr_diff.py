@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from upstream_pr.diff import build_pristine_tree, unified_diff  # noqa: E402
+from upstream_pr.series import SERIES_TEST_FILES  # noqa: E402
 from upstream_pr.series.build import UnplaceableSeriesError, read_release, series_files  # noqa: E402
 from upstream_pr.series.description import describe, measure  # noqa: E402
 from upstream_pr.series.verify import verify_pull_request, write_texts  # noqa: E402
@@ -56,7 +57,7 @@ def main() -> int:
     args = parse_arguments()
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
-        tree = args.transformers_src or build_pristine_tree(workdir / "pristine")
+        tree = args.transformers_src or build_pristine_tree(workdir / "pristine", SERIES_TEST_FILES)
         try:
             release = read_release(tree)
             series = series_files(tree)

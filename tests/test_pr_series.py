@@ -6,7 +6,6 @@ creates a file upstream has, and a tree the series cannot be placed on is refuse
 
 import ast
 import io
-import runpy
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from packaging.version import Version
 
 import transformers
 from upstream_pr.diff import build_pristine_tree, unified_diff
-from upstream_pr.series import SERIES, TEST_MODULES, MemberEdit
+from upstream_pr.series import SERIES, SERIES_TEST_FILES, TEST_MODULES, MemberEdit
 from upstream_pr.series.build import SERIES_RELEASE, UnplaceableSeriesError, check_release, series_files
 from upstream_pr.series.description import describe, line_counts
 from upstream_pr.series.verify import verify_pull_request, write_texts
@@ -43,7 +42,7 @@ class PullRequestSeriesTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.workdir = Path(tempfile.mkdtemp())
-        cls.tree = build_pristine_tree(cls.workdir / "pristine")
+        cls.tree = build_pristine_tree(cls.workdir / "pristine", SERIES_TEST_FILES)
         cls.series = series_files(cls.tree)
 
     @classmethod
@@ -78,9 +77,9 @@ class PullRequestSeriesTest(unittest.TestCase):
         tree = self.workdir / "checkout"
         shutil.copytree(self.tree, tree)
         checkout_path = SERIES[0].tests.checkout_path
-        (tree / checkout_path).parent.mkdir(parents=True)
         (tree / checkout_path).write_text("import unittest\n\n\nclass UpstreamTest(unittest.TestCase):\n    pass\n")
-        files = series_files(tree)[0]
+        series = series_files(tree)
+        files = series[0]
         self.assertEqual(files.test_paths, [checkout_path])
         before, after = files.texts[checkout_path]
         self.assertTrue(after.startswith("import unittest\n"))
@@ -88,6 +87,17 @@ class PullRequestSeriesTest(unittest.TestCase):
         self.assertIn("class LongRopeGenerationTest(unittest.TestCase):", after)
         self.assertNotIn(SERIES[0].tests.new_path, files.texts)
         self.assertIn(f"+++ b/{checkout_path}", unified_diff(files.texts))
+        # The later pull requests' tests use that file's tester: merged after it, or imported from it
+        self.assertEqual(series[2].test_paths, [checkout_path])
+        self.assertIn("class LongRopeBatchedGenerationTest(unittest.TestCase):", series[2].texts[checkout_path][1])
+        loop_tests = series[1].texts[series[1].test_paths[0]][1]
+        self.assertIn("from ...generation.test_utils import LongRopeGenerationTester\n", loop_tests)
+
+    def test_later_tests_import_the_tester_from_where_it_went(self):
+        loop_tests = self.series[1].texts[self.series[1].test_paths[0]][1]
+        self.assertEqual(self.series[0].test_paths, ["tests/generation/test_longrope_generation.py"])
+        self.assertIn("from ...generation.test_longrope_generation import LongRopeGenerationTester\n", loop_tests)
+        self.assertEqual(self.series[2].test_paths, self.series[0].test_paths)
 
     def test_a_changed_member_is_refused_by_name(self):
         tree = self.workdir / "changed"
@@ -162,6 +172,27 @@ class PullRequestSeriesTest(unittest.TestCase):
             self.assertEqual(first, unified_diff(self.series[0].texts))
 
 
+def series_test_cases():
+    """
+    The test classes of each pull request's module, in the order of the series, each module run as the series' files
+    hold it: it sees the names of the modules before it, which it imports (relative imports, left out here) or is
+    merged after.
+    """
+    earlier = {}
+    for pull_request in SERIES:
+        path = TEST_MODULES / pull_request.tests.module
+        lines = path.read_text(encoding="utf-8").splitlines()
+        code = "\n".join(line for line in lines if not line.startswith("from ."))
+        module = dict(earlier)
+        exec(compile(code, str(path), "exec"), module)  # the series' own test modules
+        yield [
+            case
+            for name, case in module.items()
+            if isinstance(case, type) and issubclass(case, unittest.TestCase) and earlier.get(name) is not case
+        ]
+        earlier.update(module)
+
+
 RUN_TIME_DIFFERENCES = {
     "test_cache_filled_from_embeddings_is_reported": "the run-time patches raise StaleRopeCacheError where the pull "
     "request warns",
@@ -185,13 +216,8 @@ class RunTimePatchesPassTheSeriesTestsTest(unittest.TestCase):
         self.addCleanup(patches.revert)
         patches.apply()
         failed = set()
-        for pull_request in SERIES:
-            module = runpy.run_path(str(TEST_MODULES / pull_request.tests.module))
-            suite = unittest.TestSuite(
-                unittest.defaultTestLoader.loadTestsFromTestCase(case)
-                for case in module.values()
-                if isinstance(case, type) and issubclass(case, unittest.TestCase) and case is not unittest.TestCase
-            )
+        for cases in series_test_cases():
+            suite = unittest.TestSuite(unittest.defaultTestLoader.loadTestsFromTestCase(case) for case in cases)
             result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(suite)
             self.assertGreater(result.testsRun, 0)
             failed |= {test._testMethodName for test, _ in result.failures + result.errors}
@@ -199,7 +225,7 @@ class RunTimePatchesPassTheSeriesTestsTest(unittest.TestCase):
 
 
 class SeriesTestConfigsTest(unittest.TestCase):
-    """Each pull request's test file stands alone in upstream's tree, so each spells its tiny config: the same one."""
+    """The series' tests share one tiny config, spelled once: the first pull request's tester, which the others use."""
 
     @staticmethod
     def config_keywords(module_path: Path) -> set[str]:
@@ -211,8 +237,9 @@ class SeriesTestConfigsTest(unittest.TestCase):
         ]
         return {ast.dump(keyword) for call in calls for keyword in call.keywords}
 
-    def test_the_tiny_configs_are_the_same(self):
+    def test_the_tiny_config_is_spelled_once(self):
         configs = [self.config_keywords(TEST_MODULES / pull_request.tests.module) for pull_request in SERIES]
-        self.assertTrue(all(configs))
-        for config in configs[1:]:
-            self.assertEqual(config, configs[0])
+        self.assertTrue(configs[0])
+        self.assertEqual([config for config in configs[1:] if config], [])
+        for pull_request in SERIES[1:]:
+            self.assertIn("LongRopeGenerationTester()", pull_request.tests.text)

@@ -143,6 +143,26 @@ class AddFunction:
 
 
 @dataclass(frozen=True)
+class ReplaceFunction:
+    """Replaces the module-level function `name` (decorators included) by `source`, written at column 0."""
+
+    name: str
+    source: str
+
+    @property
+    def method_name(self) -> str:
+        return self.name
+
+    def apply(self, text: str) -> str:
+        function = find_function(ast.parse(text).body, self.name)
+        if function is None:
+            raise LookupError(f"function {self.name} is not defined here")
+        lines = _lines(text)
+        start, end = _span(function)
+        return "".join([*lines[:start], *_indented(self.source, ""), *lines[end:]])
+
+
+@dataclass(frozen=True)
 class AddDecorator:
     """Puts `@decorator` on `class_name.method_name`, outermost (above its other decorators)."""
 

@@ -80,13 +80,11 @@ class GenerationMixin:
         past_length = int(cache.get_seq_length())
         if not 0 < past_length < sequence_length:
             return False
-        cached_length, new_length = past_length, sequence_length
+        cached_lengths, new_lengths = [past_length], [sequence_length]
         if attention_mask is not None and position_ids is not None:
-            # Left padding: the length of the longest row, read from the device on the steps past the padded switch
-            cached_length, new_length = (
-                position_ids[..., [past_length - 1, -1]].reshape(-1, 2).amax(dim=0) + 1
-            ).tolist()
-        if not cached_length <= switch_length < new_length:
+            # Left padding: each row switches at its own length (read from the device past the padded switch length)
+            cached_lengths, new_lengths = (position_ids[..., [past_length - 1, -1]].reshape(-1, 2) + 1).T.tolist()
+        if not any(cached <= switch_length < new for cached, new in zip(cached_lengths, new_lengths)):
             return False
         if inputs_embeds is not None:
             logger.warning_once(

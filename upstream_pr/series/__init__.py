@@ -17,6 +17,7 @@ from ..source_edits import (
     AddFunction,
     AddMethod,
     RemoveMethod,
+    ReplaceFunction,
     ReplaceLines,
     ReplaceMethod,
     find_class,
@@ -28,9 +29,13 @@ OVERRIDES = Path(__file__).parents[2] / "modeling_overrides"
 TEST_MODULES = Path(__file__).parent / "tests"
 
 
-def member_source(text: str, class_name: str, name: str) -> str | None:
-    """The source of `class_name.name` in `text` (decorators included, at its indentation), or `None`."""
-    class_node = find_class(ast.parse(text), class_name)
+def member_source(text: str, class_name: str | None, name: str) -> str | None:
+    """
+    The source of `class_name.name` in `text` (decorators included, at its indentation), or of the module-level
+    function `name` when `class_name` is `None`; `None` when it is not defined.
+    """
+    module = ast.parse(text)
+    class_node = find_class(module, class_name) if class_name is not None else module
     member = find_function(class_node.body, name) if class_node is not None else None
     if member is None:
         return None
@@ -60,12 +65,19 @@ class MemberEdit:
     """
 
     path: str
-    edit: ReplaceMethod | AddMethod | AddFunction | AddDecorator | RemoveMethod | ReplaceLines
+    edit: ReplaceMethod | ReplaceFunction | AddMethod | AddFunction | AddDecorator | RemoveMethod | ReplaceLines
     expected_hash: str | None = None
 
     @property
+    def class_name(self) -> str | None:
+        """The class of the edited member, `None` for a module-level function."""
+        return getattr(self.edit, "class_name", None)
+
+    @property
     def member(self) -> str:
-        return f"{self.edit.class_name}.{self.edit.method_name}" if hasattr(self.edit, "class_name") else ""
+        if not hasattr(self.edit, "method_name"):
+            return ""
+        return f"{self.class_name}.{self.edit.method_name}" if self.class_name else self.edit.method_name
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,10 @@ def _generation_utils_edits() -> tuple[MemberEdit, ...]:
     def source(name):
         return override_source("generation/utils.py", "GenerationMixin", name)
 
+    cache_is_stale = source("_cache_is_stale_at_longrope_switch")
+    if cache_is_stale.count(PER_ROW_SWITCH_LENGTHS) != 1:
+        raise LookupError("GenerationMixin._cache_is_stale_at_longrope_switch no longer reads each row's length")
+
     return (
         MemberEdit(
             ROPE_UTILS,
@@ -151,7 +167,8 @@ def _generation_utils_edits() -> tuple[MemberEdit, ...]:
             AddMethod(
                 "GenerationMixin",
                 "_cache_is_stale_at_longrope_switch",
-                source("_cache_is_stale_at_longrope_switch"),
+                # As it stands before the per-row pull request
+                cache_is_stale.replace(PER_ROW_SWITCH_LENGTHS, LONGEST_ROW_SWITCH_LENGTHS),
                 after="_prepare_cache_for_generation",
             ),
         ),
@@ -160,6 +177,44 @@ def _generation_utils_edits() -> tuple[MemberEdit, ...]:
             ReplaceMethod("GenerationMixin", "_assisted_decoding", source("_assisted_decoding")),
             "994ed7dec46c94434a282bd1c79f8955d9d54809d534ba5391a19066a97d832c",
         ),
+    )
+
+
+LONGEST_ROW_SWITCH_LENGTHS = """\
+    cached_length, new_length = past_length, sequence_length
+    if attention_mask is not None and position_ids is not None:
+        # Left padding: the length of the longest row, read from the device on the steps past the padded switch
+        cached_length, new_length = (
+            position_ids[..., [past_length - 1, -1]].reshape(-1, 2).amax(dim=0) + 1
+        ).tolist()
+    if not cached_length <= switch_length < new_length:
+        return False
+"""
+PER_ROW_SWITCH_LENGTHS = """\
+    cached_lengths, new_lengths = [past_length], [sequence_length]
+    if attention_mask is not None and position_ids is not None:
+        # Left padding: each row switches at its own length (read from the device past the padded switch length)
+        cached_lengths, new_lengths = (position_ids[..., [past_length - 1, -1]].reshape(-1, 2) + 1).T.tolist()
+    if not any(cached <= switch_length < new for cached, new in zip(cached_lengths, new_lengths)):
+        return False
+"""
+"""How `generate()` finds the switch in a left-padded batch: at the longest row's length (pull request 01), then at
+each row's own (the per-row pull request), in `GenerationMixin._cache_is_stale_at_longrope_switch` at column 4."""
+
+DYNAMIC_ROPE_UPDATE_HASH = "c0bc145a218270ce1bc985d328af017b76c8f0fdc15969cd456950457d430cbb"
+
+
+def _per_row_edits() -> tuple[MemberEdit, ...]:
+    """Longrope's frequencies per row in the shared RoPE decorator, and `generate()` finding each row's switch."""
+    indented = "".join(f"    {line}" if line.strip() else line for line in LONGEST_ROW_SWITCH_LENGTHS.splitlines(True))
+    per_row = "".join(f"    {line}" if line.strip() else line for line in PER_ROW_SWITCH_LENGTHS.splitlines(True))
+    return (
+        MemberEdit(
+            ROPE_UTILS,
+            ReplaceFunction("dynamic_rope_update", override_function("modeling_rope_utils.py", "dynamic_rope_update")),
+            DYNAMIC_ROPE_UPDATE_HASH,
+        ),
+        MemberEdit("src/transformers/generation/utils.py", ReplaceLines(indented, per_row)),
     )
 
 
@@ -345,5 +400,20 @@ SERIES = (
         regression_guards=(),
         description="02-decoding-loop-longrope-cache.md",
     ),
+    PullRequest(
+        slug="longrope-factors-per-row",
+        title="[RoPE] Longrope factors per row: each row of a left-padded batch switches at its own length",
+        edits=_per_row_edits(),
+        tests=TestModule(
+            module="longrope_batched_generation.py",
+            checkout_path="tests/generation/test_utils.py",
+            new_path="tests/generation/test_longrope_generation.py",
+        ),
+        regression_guards=(),
+        description="03-longrope-factors-per-row.md",
+    ),
 )
 """The series, in the order the pull requests apply."""
+
+SERIES_TEST_FILES = tuple(dict.fromkeys(path for pr in SERIES for path in (pr.tests.checkout_path, pr.tests.new_path)))
+"""Every test file the series writes to, upstream's or new: a pristine tree has their packages."""

@@ -39,6 +39,14 @@ class PullRequestFiles:
         tests = self.pull_request.tests
         return [path for path in (tests.checkout_path, tests.new_path) if path in self.texts]
 
+    @property
+    def test_ids(self) -> list[str]:
+        """The pytest ids of the test classes this pull request adds (its file may hold others: upstream's, or an
+        earlier pull request's)."""
+        module = ast.parse(self.pull_request.tests.text)
+        classes = [node.name for node in module.body if isinstance(node, ast.ClassDef) and node.name.endswith("Test")]
+        return [f"{path}::{name}" for path in self.test_paths for name in classes]
+
 
 def read_release(tree: Path) -> Version:
     """The release of a transformers tree in the upstream layout, from its `__version__`."""
@@ -68,7 +76,7 @@ def check_release(tree: Path) -> Version:
 def _apply_edit(text: str, member_edit: MemberEdit) -> str:
     edit = member_edit.edit
     if member_edit.expected_hash is not None:
-        found = member_source(text, edit.class_name, edit.method_name)
+        found = member_source(text, member_edit.class_name, edit.method_name)
         if found is None or source_hash(found) != member_edit.expected_hash:
             state = "is not defined" if found is None else f"differs (sha256 {source_hash(found)[:12]})"
             raise UnplaceableSeriesError(
@@ -112,14 +120,33 @@ def series_files(tree: Path) -> list[PullRequestFiles]:
             overlay[path] = ruff_fixed(overlay[path], path, config, rules=("F401", "I001"))
             texts[path] = (before, overlay[path])
         tests = pull_request.tests
-        existing = _read(tree, overlay, tests.checkout_path)
-        test_path = tests.checkout_path if existing is not None else tests.new_path
-        if existing is None and _read(tree, overlay, tests.new_path) is not None:
+        test_path = tests.checkout_path if _read(tree, overlay, tests.checkout_path) is not None else tests.new_path
+        if test_path == tests.new_path and (tree / tests.new_path).is_file():
             raise UnplaceableSeriesError(f"{tests.new_path} exists already in {tree}: the tests would replace it")
-        overlay[test_path] = merge_test_module(existing, tests.text)
+        # Upstream's file, or the one an earlier pull request of the series made
+        existing = _read(tree, overlay, test_path)
+        overlay[test_path] = merge_test_module(existing, _imports_where_tests_went(tests.text, made))
         texts[test_path] = (existing, overlay[test_path])
         made.append(PullRequestFiles(number, pull_request, dict(sorted(texts.items()))))
     return made
+
+
+def _test_module_name(path: str) -> str:
+    """`tests/generation/test_utils.py` -> `generation.test_utils`, as the tests' relative imports name it."""
+    return path.removeprefix("tests/").removesuffix(".py").replace("/", ".")
+
+
+def _imports_where_tests_went(module_text: str, made: list[PullRequestFiles]) -> str:
+    """
+    `module_text` with its imports from an earlier pull request's tests (written as from upstream's file) pointed at
+    the file those tests went to: upstream's, or the new file of a tree without upstream's tests.
+    """
+    for files in made:
+        tests = files.pull_request.tests
+        if tests.new_path in files.test_paths:
+            old, new = _test_module_name(tests.checkout_path), _test_module_name(tests.new_path)
+            module_text = module_text.replace(f".{old} import ", f".{new} import ")
+    return module_text
 
 
 def merge_test_module(existing: str | None, module_text: str) -> str:

@@ -16,6 +16,7 @@ DESCRIPTIONS = Path(__file__).parent / "descriptions"
 MEASUREMENTS = {
     "01-generate-longrope-cache.md": Path(__file__).parent / "measure_generation.py",
     "02-decoding-loop-longrope-cache.md": Path(__file__).parent / "measure_decoding_loop.py",
+    "03-longrope-factors-per-row.md": Path(__file__).parent / "measure_batched_generation.py",
 }
 """The script each description's figures come from, run in the trees before and after the pull request."""
 
@@ -32,7 +33,7 @@ def measure(tree: Path, files: PullRequestFiles, with_tests: bool = False) -> di
     if with_tests:
         write_texts(tree, {path: files.texts[path] for path in files.test_paths})
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-    command = [sys.executable, str(script), str(tree / files.test_paths[0])]
+    command = [sys.executable, str(script), str(tree), files.test_paths[0]]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{script.name} failed in {tree}:\n{result.stderr[-2000:]}")

@@ -3,23 +3,23 @@ Measures what the description of the decoding-loop pull request quotes, in the t
 decoding loop across the longrope switch, max |Δlogit| against the forward pass without cache over the same tokens,
 with the model of the pull request's own tests. Prints one JSON object.
 
-    PYTHONPATH=<tree>/src python upstream_pr/series/measure_decoding_loop.py <tree>/<the pull request's test file>
+    PYTHONPATH=<tree>/src python upstream_pr/series/measure_decoding_loop.py <tree> <the pull request's test file>
 
-Run as a script: it imports transformers and the test file only.
+Run as a script: it imports transformers and the test file only (as a module of the tree's tests).
 """
 
 import json
-import runpy
 import sys
 
 import torch
+from test_module_import import import_test_module
 
 
 def loop_difference(case, cache_kind: str, chunk_size: int = 1, crop: bool = False) -> str:
-    from transformers import DynamicCache, StaticCache
+    from transformers import DynamicCache, Phi3ForCausalLM, StaticCache
 
-    model = case.get_model()
-    input_ids = case.get_input_ids(case.switch_length + 8)
+    model = case.model_tester.get_model(Phi3ForCausalLM)
+    input_ids = case.model_tester.get_input_ids(case.switch_length + 8)
     if cache_kind == "dynamic":
         cache = DynamicCache(config=model.config)
     else:
@@ -41,7 +41,8 @@ def loop_difference(case, cache_kind: str, chunk_size: int = 1, crop: bool = Fal
 
 
 def main() -> None:
-    case = runpy.run_path(sys.argv[1])["Phi3LongRopeDecodingLoopTest"]()
+    case = import_test_module(*sys.argv[1:3]).Phi3LongRopeDecodingLoopTest()
+    case.setUp()
     with torch.no_grad():
         results = {
             "Phi-3, DynamicCache, one token a step": loop_difference(case, "dynamic"),

@@ -3,16 +3,16 @@ Measures what the description of the `generate()` pull request quotes, in the tr
 decoding strategy across the longrope switch, max |Δlogit| against the forward pass without cache over the same
 tokens, with the models of the pull request's own tests. Prints one JSON object.
 
-    PYTHONPATH=<tree>/src python upstream_pr/series/measure_generation.py <tree>/<the pull request's test file>
+    PYTHONPATH=<tree>/src python upstream_pr/series/measure_generation.py <tree> <the pull request's test file>
 
-Run as a script: it imports transformers and the test file only.
+Run as a script: it imports transformers and the test file only (as a module of the tree's tests).
 """
 
 import json
-import runpy
 import sys
 
 import torch
+from test_module_import import import_test_module
 
 
 STRATEGIES = {
@@ -56,7 +56,7 @@ def max_logit_difference(tester, model_class, strategy: dict) -> str:
 def main() -> None:
     from transformers import LlamaForCausalLM, Phi3ForCausalLM
 
-    tester = runpy.run_path(sys.argv[1])["LongRopeGenerationTester"]()
+    tester = import_test_module(*sys.argv[1:3]).LongRopeGenerationTester()
     results = {
         f"{name}, {strategy_name}": max_logit_difference(tester, model_class, strategy)
         for name, model_class in (("Llama", LlamaForCausalLM), ("Phi-3", Phi3ForCausalLM))

@@ -84,15 +84,15 @@ def apply_diff(diff: str, tree: Path) -> str:
     return ""
 
 
-def run_tests(tree: Path, test_paths: list[str]) -> tuple[str, int, str, dict[str, str]]:
+def run_tests(tree: Path, test_ids: list[str]) -> tuple[str, int, str, dict[str, str]]:
     """
-    Runs `test_paths` (in `tree`) with its `src/` first on the path. Returns where `transformers` was imported from,
+    Runs `test_ids` (pytest ids in `tree`) with its `src/` first on the path. Returns where `transformers` was imported from,
     pytest's exit code, its summary line and each test's outcome (`{test id: "PASSED" | "FAILED" | "ERROR"}`).
     """
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     where = _run([sys.executable, "-c", "import transformers; print(transformers.__file__)"], tree, env)
     result = _run(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--rootdir", str(tree), *test_paths],
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--rootdir", str(tree), *test_ids],
         tree,
         env,
     )
@@ -121,7 +121,7 @@ def verify_pull_request(before_tree: Path, files: PullRequestFiles, workdir: Pat
     unpatched = workdir / f"{files.name}-before"
     shutil.copytree(before_tree, unpatched, ignore=shutil.ignore_patterns("__pycache__"))
     write_texts(unpatched, test_texts)
-    *_, outcomes = run_tests(unpatched, files.test_paths)
+    *_, outcomes = run_tests(unpatched, files.test_ids)
     shutil.rmtree(unpatched)
     report.failing_before = sorted(name for name, outcome in outcomes.items() if outcome != "PASSED")
     report.passing_before = sorted(name for name, outcome in outcomes.items() if outcome == "PASSED")
@@ -140,6 +140,6 @@ def verify_pull_request(before_tree: Path, files: PullRequestFiles, workdir: Pat
     found_after = collections.Counter(ruff_problems(patched, report.changed_files, config))
     report.new_ruff_findings = sorted((found_after - found_before).elements())
     report.transformers_imported_from, report.tests_returncode, report.tests_summary, _ = run_tests(
-        patched, files.test_paths
+        patched, files.test_ids
     )
     return report

@@ -19,53 +19,23 @@ from transformers import is_torch_available
 from transformers.testing_utils import CaptureLogger, require_torch, torch_device
 from transformers.utils import logging
 
+from ...generation.test_utils import LongRopeGenerationTester
+
 
 if is_torch_available():
     import torch
 
-    from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM, StaticCache
+    from transformers import DynamicCache, Phi3ForCausalLM, StaticCache
 
 
 @require_torch
 class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
-    """
-    A decoding loop that calls the model with its cache across the longrope switch gets the logits of the forward pass
-    without cache over the same tokens. The tiny model switches after `switch_length` tokens.
-    """
+    """A decoding loop that calls the model with its cache across the longrope switch gets the logits of the forward
+    pass without cache over the same tokens."""
 
-    switch_length = 32
-    vocab_size = 97
-    head_dim = 8
-    tolerance = 1e-4
-
-    def get_model(self):
-        config = Phi3Config(
-            vocab_size=self.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.2,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            max_position_embeddings=4 * self.switch_length,
-            original_max_position_embeddings=self.switch_length,
-            rope_parameters={
-                "rope_type": "longrope",
-                "rope_theta": 10000.0,
-                "original_max_position_embeddings": self.switch_length,
-                "short_factor": [1.0 + 0.25 * i for i in range(self.head_dim // 2)],
-                "long_factor": [4.0 + 2.0 * i for i in range(self.head_dim // 2)],
-            },
-        )
-        torch.manual_seed(0)
-        return Phi3ForCausalLM(config).to(torch_device).eval()
-
-    def get_input_ids(self, length):
-        generator = torch.Generator().manual_seed(0)
-        return torch.randint(3, self.vocab_size, (1, length), generator=generator).to(torch_device)
+    def setUp(self):
+        self.model_tester = LongRopeGenerationTester()
+        self.switch_length = self.model_tester.switch_length
 
     def assert_decodes_like_no_cache(self, model, cache, input_ids, start, chunk_size=1):
         for position in range(start, input_ids.shape[1], chunk_size):
@@ -73,13 +43,13 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
             self.assertIs(outputs.cache, cache)
             for offset in range(outputs.logits.shape[1]):
                 reference = model(input_ids[:, : position + offset + 1], use_cache=False).logits[:, -1]
-                torch.testing.assert_close(outputs.logits[:, offset], reference, rtol=0, atol=self.tolerance)
+                torch.testing.assert_close(outputs.logits[:, offset], reference, rtol=0, atol=1e-4)
 
     @parameterized.expand([("dynamic", 1), ("static", 1), ("dynamic", 4)])
     @torch.no_grad()
     def test_decoding_loop_across_the_switch(self, cache_kind, chunk_size):
-        model = self.get_model()
-        input_ids = self.get_input_ids(self.switch_length + 8)
+        model = self.model_tester.get_model(Phi3ForCausalLM)
+        input_ids = self.model_tester.get_input_ids(self.switch_length + 8)
         if cache_kind == "dynamic":
             cache = DynamicCache(config=model.config)
         else:
@@ -90,19 +60,19 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
 
     @torch.no_grad()
     def test_cache_created_by_the_model(self):
-        model = self.get_model()
-        input_ids = self.get_input_ids(self.switch_length + 4)
+        model = self.model_tester.get_model(Phi3ForCausalLM)
+        input_ids = self.model_tester.get_input_ids(self.switch_length + 4)
         outputs = model(input_ids[:, : self.switch_length - 2], output_hidden_states=True)
         for position in range(self.switch_length - 2, input_ids.shape[1]):
             outputs = model(input_ids[:, position : position + 1], cache=outputs.cache, output_hidden_states=True)
             reference = model(input_ids[:, : position + 1], use_cache=False).logits[:, -1]
-            torch.testing.assert_close(outputs.logits[:, -1], reference, rtol=0, atol=self.tolerance)
+            torch.testing.assert_close(outputs.logits[:, -1], reference, rtol=0, atol=1e-4)
             self.assertEqual({hidden.shape[1] for hidden in outputs.hidden_states}, {1})
 
     @torch.no_grad()
     def test_batch_reordered_and_selected_before_the_switch(self):
-        model = self.get_model()
-        input_ids = self.get_input_ids(self.switch_length + 4)
+        model = self.model_tester.get_model(Phi3ForCausalLM)
+        input_ids = self.model_tester.get_input_ids(self.switch_length + 4)
         input_ids = torch.cat([input_ids, input_ids.flip(-1)])
         cache = DynamicCache(config=model.config)
         model(input_ids[:, : self.switch_length - 2], cache=cache)
@@ -112,8 +82,8 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
 
     @torch.no_grad()
     def test_cache_cropped_back_below_the_switch(self):
-        model = self.get_model()
-        input_ids = self.get_input_ids(self.switch_length + 8)
+        model = self.model_tester.get_model(Phi3ForCausalLM)
+        input_ids = self.model_tester.get_input_ids(self.switch_length + 8)
         cache = DynamicCache(config=model.config)
         model(input_ids[:, : self.switch_length + 4], cache=cache)
         cache.crop(-6)
@@ -121,8 +91,8 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
 
     @torch.no_grad()
     def test_cache_filled_from_embeddings_is_reported(self):
-        model = self.get_model()
-        input_ids = self.get_input_ids(self.switch_length + 1)
+        model = self.model_tester.get_model(Phi3ForCausalLM)
+        input_ids = self.model_tester.get_input_ids(self.switch_length + 1)
         cache = DynamicCache(config=model.config)
         model(inputs_embeds=model.get_input_embeddings()(input_ids[:, :-1]), cache=cache)
         logger = logging.get_logger("transformers.modeling_rope_utils")

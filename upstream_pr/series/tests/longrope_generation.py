@@ -64,24 +64,35 @@ class LongRopeGenerationTester:
         generator = torch.Generator().manual_seed(0)
         return torch.randint(3, self.vocab_size, (1, length), generator=generator).to(torch_device)
 
+    @torch.no_grad()
+    def check_left_padded_generation(self, model, paddings):
+        """Generates across the switch from rows left-padded by `paddings`: each row's logits are those of it alone."""
+        input_ids = torch.cat([self.get_input_ids(self.switch_length - 2).roll(row) for row in range(len(paddings))])
+        for row, padding in enumerate(paddings):
+            input_ids[row, :padding] = 0
+        generate_kwargs = {"do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+        outputs = model.generate(
+            input_ids, attention_mask=(input_ids != 0).long(), max_new_tokens=8, **generate_kwargs
+        )
+        for row, padding in enumerate(paddings):
+            for step, logits in enumerate(outputs.logits):
+                row_alone = outputs.sequences[row : row + 1, padding : input_ids.shape[1] + step]
+                reference = model(row_alone, use_cache=False).logits[0, -1]
+                torch.testing.assert_close(logits[row], reference, rtol=0, atol=1e-4)
+
 
 @require_torch
 class LongRopeGenerationTest(unittest.TestCase):
     """`generate()` across the longrope switch gives the logits of the forward pass without cache over the same tokens."""
 
-    tolerance = 1e-4
-
     def setUp(self):
         self.model_tester = LongRopeGenerationTester()
 
     @torch.no_grad()
-    def no_cache_logits(self, model, input_ids):
-        return model(input_ids, use_cache=False).logits[:, -1]
-
     def assert_logits_match_no_cache(self, model, outputs, prompt_length):
         for step, logits in enumerate(outputs.logits):
-            reference = self.no_cache_logits(model, outputs.sequences[:, : prompt_length + step])
-            torch.testing.assert_close(logits, reference, rtol=0, atol=self.tolerance)
+            reference = model(outputs.sequences[:, : prompt_length + step], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
 
     @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
     @torch.no_grad()
@@ -130,36 +141,19 @@ class LongRopeGenerationTest(unittest.TestCase):
         input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length // 2 - 2).repeat(1, 2)
         if "prompt_length" in generate_kwargs:
             input_ids = self.model_tester.get_input_ids(generate_kwargs.pop("prompt_length"))
-        cache = StaticCache(config=model.config, max_cache_len=48) if generate_kwargs.pop("static", False) else None
-        if cache is not None:
-            generate_kwargs["cache"] = cache
+        if generate_kwargs.pop("static", False):
+            generate_kwargs["cache"] = StaticCache(config=model.config, max_cache_len=48)
         torch.manual_seed(0)
         outputs = model.generate(
             input_ids, max_new_tokens=10, return_dict_in_generate=True, output_logits=True, **generate_kwargs
         )
         self.assert_logits_match_no_cache(model, outputs, input_ids.shape[1])
-        if cache is not None:
-            self.assertIs(outputs.cache, cache)
+        if "cache" in generate_kwargs:
+            self.assertIs(outputs.cache, generate_kwargs["cache"])
 
     def test_left_padded_batch_across_the_switch(self):
         # Every row is padded: the rotary embedding switches at the unpadded length of the longest row
-        model = self.model_tester.get_model(LlamaForCausalLM)
-        padding = 2
-        prompts = self.model_tester.get_input_ids(self.model_tester.switch_length - 3)
-        prompts = torch.cat([prompts, prompts.flip(-1)])
-        input_ids = torch.cat([torch.zeros_like(prompts[:, :padding]), prompts], dim=-1)
-        outputs = model.generate(
-            input_ids,
-            attention_mask=(input_ids != 0).long(),
-            max_new_tokens=8,
-            do_sample=False,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        for row in range(input_ids.shape[0]):
-            for step, logits in enumerate(outputs.logits):
-                row_alone = outputs.sequences[row : row + 1, padding : input_ids.shape[1] + step]
-                torch.testing.assert_close(logits[row], self.no_cache_logits(model, row_alone)[0], rtol=0, atol=1e-4)
+        self.model_tester.check_left_padded_generation(self.model_tester.get_model(LlamaForCausalLM), paddings=(2, 2))
 
     @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
     def test_beam_search_across_the_switch(self, _, model_class):
