@@ -589,5 +589,6 @@ def verify_kernels(devices: tuple[str, ...] | None = None, dtypes: tuple[torch.d
                 failures += _check_attention(device, dtype)
     if failures:
         raise RowInvarianceError(
-            "Consistent decoding is not row-invariant on this machine:\n- " + "\n- ".join(failures)
+            f"Consistent decoding is not row-invariant on this machine with {torch.get_num_threads()} threads:\n- "
+            + "\n- ".join(failures)
         )
