@@ -341,6 +341,17 @@ def _cached_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
+def _holds_keys_and_values_only(cache) -> bool:
+    """
+    Whether `cache` holds nothing but keys and values: a hybrid model's cache also holds the states of its linear
+    attention or state-space layers, which depend on the whole sequence and which `recompute_rows` does not copy (such
+    a cache is recomputed whole).
+    """
+    state_names = ("conv_states", "recurrent_states", "ssm_states")
+    holders = [cache, *getattr(cache, "layers", ())]
+    return not any(hasattr(holder, name) for holder in holders for name in state_names)
+
+
 def _reset_cache(cache) -> None:
     """Empties `cache` in place, keeping the object."""
     layers = getattr(cache, "layers", None)
@@ -1060,7 +1071,7 @@ def _recompute_stale_cache(
     new_inputs = _sequence_inputs(model_inputs)
     batch_size = new_inputs.shape[0]
     changed_rows = [row for row, changed in enumerate(_row_changes(record.regime, regime, batch_size)) if changed]
-    if len(changed_rows) < batch_size and not chunk.other_inputs:
+    if len(changed_rows) < batch_size and not chunk.other_inputs and _holds_keys_and_values_only(past_key_values):
         # Rows on both sides of the switch: only the rows that changed are recomputed (by their text inputs alone,
         # so not when other inputs come with these tokens; all rows are recomputed with them then)
         rows = torch.tensor(changed_rows, device=new_inputs.device)
