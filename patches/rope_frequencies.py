@@ -168,11 +168,25 @@ def longrope_forward_per_row(self, rope_forward, x, position_ids, layer_type=Non
         inv_freq.copy_(getattr(self, factor_set))
         rotations.append(rope_forward(self, x, position_ids, **kwargs))
     inv_freq.copy_(batch_inv_freq)
-    (short_cos, short_sin), (long_cos, long_sin) = rotations
-    row_uses_long_factors = (position_ids.amax(dim=-1) + 1 > switch_point).view(-1, *([1] * (short_cos.dim() - 1)))
-    cos = torch.where(row_uses_long_factors, long_cos, short_cos)
-    sin = torch.where(row_uses_long_factors, long_sin, short_sin)
-    return cos, sin
+    short_rotation, long_rotation = rotations
+    row_uses_long_factors = position_ids.amax(dim=-1) + 1 > switch_point
+    return _select_rotation(row_uses_long_factors, long_rotation, short_rotation)
+
+
+def _select_rotation(condition, chosen, other):
+    """
+    `torch.where(condition, chosen, other)` for each tensor a rotary `forward` returns: `(cos, sin)`, or the one
+    complex `freqs_cis` of DeepSeek-V2 and Llama 4. `condition` is per row (`(batch_size,)`) or per token (shaped like
+    `position_ids`), and broadcast over the rest.
+    """
+
+    def select(chosen_tensor, other_tensor):
+        shape = (*condition.shape, *([1] * (chosen_tensor.dim() - condition.dim())))
+        return torch.where(condition.view(shape), chosen_tensor, other_tensor)
+
+    if isinstance(chosen, torch.Tensor):
+        return select(chosen, other)
+    return tuple(select(chosen_tensor, other_tensor) for chosen_tensor, other_tensor in zip(chosen, other))
 
 
 @dataclass(frozen=True)
@@ -236,15 +250,13 @@ def rope_forward_per_sequence(self, rope_forward, x, position_ids, lengths: "Pac
     """
     inv_freq = self.inv_freq
     row_inv_freq = inv_freq.clone()
-    cos = sin = None
+    rotation = None
     for mask, group_inv_freq in _frequency_groups(self, lengths):
         inv_freq.copy_(group_inv_freq)
-        group_cos, group_sin = rope_forward(self, x, position_ids)
-        mask = mask.unsqueeze(-1)
-        cos = group_cos if cos is None else torch.where(mask, group_cos, cos)
-        sin = group_sin if sin is None else torch.where(mask, group_sin, sin)
+        group_rotation = rope_forward(self, x, position_ids)
+        rotation = group_rotation if rotation is None else _select_rotation(mask, group_rotation, rotation)
     inv_freq.copy_(row_inv_freq)
-    return cos, sin
+    return rotation
 
 
 def dynamic_rope_update(rope_forward):

@@ -29,7 +29,7 @@ from parameterized import parameterized
 import patches
 from patches.coverage import LEFT_OUT_MODELS, protects_continuous_batching
 from patches.coverage import MODELS as COVERED_MODELS
-from patches.reference import continuous_batching_errors
+from patches.reference import continuous_batching_errors, left_padded_generate_row_errors
 from patches.targets import covered_model as covered_module
 from patches.targets import installed_era
 from transformers.testing_utils import require_torch
@@ -148,6 +148,16 @@ class StandardRopeModelsTest(QuietTestCase):
     @parameterized.expand(MODELS)
     def test_longrope_decoding_matches_no_cache(self, module_name):
         self.assertDecodingMatchesNoCache(covered_model(self, module_name, "longrope"))
+
+    @parameterized.expand(MODELS)
+    def test_longrope_left_padded_batch_matches_each_row_alone(self, module_name):
+        # Each row rotated with the factors of its own length, whatever the rotary embedding returns: `(cos, sin)`, or
+        # DeepSeek-V2's one complex `freqs_cis`
+        tiny = covered_model(self, module_name, "longrope")
+        if module_name == "phimoe" and TRANSFORMERS_VERSION.major < 5:
+            self.skipTest("PhiMoE before 5.0 chooses one factor set for the whole batch, as upstream")
+        errors = left_padded_generate_row_errors(tiny, max_new_tokens=8)
+        self.assertMatchesNoCache(errors, "left-padded generate(), each row against itself alone")
 
     @parameterized.expand(MODELS)
     def test_dynamic_ntk_decoding_matches_no_cache(self, module_name):
