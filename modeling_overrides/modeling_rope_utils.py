@@ -77,7 +77,9 @@ def dynamic_rope_update(rope_forward):
         if position_ids.ndim != 2 or position_ids.shape[0] == 1 or is_torchdynamo_compiling():
             return None
         row_seq_len = position_ids.amax(dim=-1)[:, None, None] + 1
-        return torch.where(row_seq_len > original_max_position_embeddings, long_inv_freq, original_inv_freq)
+        row_inv_freq = torch.where(row_seq_len > original_max_position_embeddings, long_inv_freq, original_inv_freq)
+        # In the buffer's dtype, as a row alone reads it (a half-precision model rounds `inv_freq`)
+        return row_inv_freq.to(getattr(self, f"{prefix}inv_freq").dtype)
 
     def dynamic_frequency_update(self, position_ids, device, layer_type=None):
         """

@@ -30,8 +30,7 @@ if is_torch_available():
 
 @require_torch
 class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
-    """A decoding loop that calls the model with its cache across the longrope switch gets the logits of the forward
-    pass without cache over the same tokens."""
+    """A decoding loop calling the model with its cache across the longrope switch gets the logits without cache."""
 
     def setUp(self):
         self.model_tester = LongRopeGenerationTester()
@@ -54,9 +53,8 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
             cache = DynamicCache(config=model.config)
         else:
             cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1])
-        prompt_length = self.switch_length - 4
-        model(input_ids[:, :prompt_length], cache=cache)
-        self.assert_decodes_like_no_cache(model, cache, input_ids, prompt_length, chunk_size)
+        model(input_ids[:, : self.switch_length - 4], cache=cache)
+        self.assert_decodes_like_no_cache(model, cache, input_ids, self.switch_length - 4, chunk_size)
 
     @torch.no_grad()
     def test_cache_created_by_the_model(self):
@@ -95,7 +93,6 @@ class Phi3LongRopeDecodingLoopTest(unittest.TestCase):
         input_ids = self.model_tester.get_input_ids(self.switch_length + 1)
         cache = DynamicCache(config=model.config)
         model(inputs_embeds=model.get_input_embeddings()(input_ids[:, :-1]), cache=cache)
-        logger = logging.get_logger("transformers.modeling_rope_utils")
-        with CaptureLogger(logger) as captured:
+        with CaptureLogger(logging.get_logger("transformers.modeling_rope_utils")) as captured:
             model(input_ids[:, -1:], cache=cache)
         self.assertIn("was not filled from `input_ids`", captured.out)

@@ -88,12 +88,6 @@ class LongRopeGenerationTest(unittest.TestCase):
     def setUp(self):
         self.model_tester = LongRopeGenerationTester()
 
-    @torch.no_grad()
-    def assert_logits_match_no_cache(self, model, outputs, prompt_length):
-        for step, logits in enumerate(outputs.logits):
-            reference = model(outputs.sequences[:, : prompt_length + step], use_cache=False).logits[:, -1]
-            torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
-
     @parameterized.expand([("llama", LlamaForCausalLM), ("phi3", Phi3ForCausalLM)])
     @torch.no_grad()
     def test_cache_before_the_switch_is_recomputed_with_the_long_factors(self, _, model_class):
@@ -104,13 +98,11 @@ class LongRopeGenerationTest(unittest.TestCase):
         outputs = model.generate(input_ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
 
         # The cache covers all but the last token; a prefill of those tokens uses the long factors throughout
-        long_factor_cache = model(outputs.sequences[:, :-1]).cache
+        fresh_cache = model(outputs.sequences[:, :-1]).cache
         for layer_idx in range(model.config.num_hidden_layers):
             cached_keys = outputs.cache.layers[layer_idx].keys[:, :, : input_ids.shape[1]]
             self.assertFalse(torch.allclose(cached_keys, short_factor_cache.layers[layer_idx].keys, atol=1e-3))
-            torch.testing.assert_close(
-                cached_keys, long_factor_cache.layers[layer_idx].keys[:, :, : input_ids.shape[1]]
-            )
+            torch.testing.assert_close(cached_keys, fresh_cache.layers[layer_idx].keys[:, :, : input_ids.shape[1]])
 
     @parameterized.expand(
         [
@@ -123,15 +115,12 @@ class LongRopeGenerationTest(unittest.TestCase):
             ("llama_assisted", LlamaForCausalLM, {"assistant": True}),
             ("phi3_assisted", Phi3ForCausalLM, {"assistant": True}),
             # From the switch length itself, where no candidate is left to verify before the switch
-            (
-                "phi3_assisted_sample_at_switch",
-                Phi3ForCausalLM,
-                {"assistant": True, "do_sample": True, "prompt_length": LongRopeGenerationTester.switch_length},
-            ),
+            ("phi3_assisted_at_switch", Phi3ForCausalLM, {"assistant": True, "do_sample": True, "at_switch": True}),
             ("llama_static_cache", LlamaForCausalLM, {"static": True}),
             ("phi3_static_cache", Phi3ForCausalLM, {"static": True}),
         ]
     )
+    @torch.no_grad()
     def test_generate_across_the_switch(self, _, model_class, generate_kwargs):
         model = self.model_tester.get_model(model_class)
         generate_kwargs = {"do_sample": False, **generate_kwargs}
@@ -139,15 +128,17 @@ class LongRopeGenerationTest(unittest.TestCase):
             generate_kwargs["assistant_model"] = self.model_tester.get_model(model_class)
         # A prompt that repeats itself gives prompt lookup and the assistant candidates to verify across the switch
         input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length // 2 - 2).repeat(1, 2)
-        if "prompt_length" in generate_kwargs:
-            input_ids = self.model_tester.get_input_ids(generate_kwargs.pop("prompt_length"))
+        if generate_kwargs.pop("at_switch", False):
+            input_ids = self.model_tester.get_input_ids(self.model_tester.switch_length)
         if generate_kwargs.pop("static", False):
             generate_kwargs["cache"] = StaticCache(config=model.config, max_cache_len=48)
         torch.manual_seed(0)
         outputs = model.generate(
             input_ids, max_new_tokens=10, return_dict_in_generate=True, output_logits=True, **generate_kwargs
         )
-        self.assert_logits_match_no_cache(model, outputs, input_ids.shape[1])
+        for step, logits in enumerate(outputs.logits):
+            reference = model(outputs.sequences[:, : input_ids.shape[1] + step], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
         if "cache" in generate_kwargs:
             self.assertIs(outputs.cache, generate_kwargs["cache"])
 
