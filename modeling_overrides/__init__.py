@@ -3,6 +3,6 @@ Model code that keeps KV caches consistent with the no-cache forward pass, writt
 the pull-request series is merged.
 
 Nothing here patches anything: `make diff` transplants these members into the series' pull requests
-(`upstream_pr/series`). The run-time patches (`patches/`) do not import it yet: binding it on the newest release is
-open work (issue 22, item 6).
+(`upstream_pr/series`). On the release the series is written for, the run-time patches (`patches/`) bind its longrope
+`dynamic_rope_update` as they re-decorate each rotary `forward`.
 """

@@ -35,6 +35,8 @@ class Era:
         cache_argument: what `forward` and `prepare_inputs_for_generation` call the cache.
         upstream_at_switch: what upstream does when a sequence crosses the longrope switch point.
         patch_replaces: what the patches replace.
+        binds_series_rope_update: the era the pull-request series is written for, where the patches' longrope update
+            is the series' own (`modeling_overrides.modeling_rope_utils.dynamic_rope_update`) wherever it applies.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Era:
     cache_argument: str
     upstream_at_switch: str
     patch_replaces: str
+    binds_series_rope_update: bool = False
 
     def matches(self, modeling_phi3_source: str) -> bool:
         """Whether Phi-3's modeling source has this era's shape."""
@@ -103,7 +106,9 @@ ERAS = (
         cache_argument="cache",
         upstream_at_switch="as 4.51-5.23; `past_key_values` is renamed `cache` (the old name a deprecated alias), and "
         "the drop is `cache = None`",
-        patch_replaces="as 4.51-5.23; the decorators read the cache from whichever keyword the caller used",
+        patch_replaces="as 4.51-5.23; the decorators read the cache from whichever keyword the caller used; the "
+        "longrope update is the pull-request series' own",
+        binds_series_rope_update=True,
     ),
 )
 """The eras, oldest first. Each release of `TESTED_VERSIONS` lies in its era, and is recognised as it (tested)."""

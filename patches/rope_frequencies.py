@@ -2,7 +2,8 @@
 The RoPE frequency updates the patches bind on every release, for rotary embeddings whose frequencies depend on the
 sequence length: longrope by the length of each row, dynamic NTK at the current length, packed sequences (continuous
 batching) by each sequence's own length. They read the configs and rotary embeddings of every release the range
-admits (`rope_scaling` before 5.0, `rope_kwargs` before 4.48), so they are the patches' code, not the series'.
+admits (`rope_scaling` before 5.0, `rope_kwargs` before 4.48), so they are the patches' code. On the release the
+series is written for, longrope is the series' own update (`modeling_overrides`) wherever that one rotates each row.
 """
 
 from collections.abc import Iterator
@@ -259,7 +260,7 @@ def rope_forward_per_sequence(self, rope_forward, x, position_ids, lengths: "Pac
     return rotation
 
 
-def dynamic_rope_update(rope_forward):
+def dynamic_rope_update(rope_forward, series_longrope_update: bool = False):
     """
     Decorator function to update the RoPE parameters in the forward pass, if the model is using a dynamic RoPE
     (i.e. a RoPE implementation that may recompute its frequencies in the forward pass).
@@ -267,26 +268,43 @@ def dynamic_rope_update(rope_forward):
     Args:
         rope_forward (Callable):
             The forward pass of the RoPE implementation.
+        series_longrope_update (bool):
+            Longrope runs the pull-request series' decorator (`modeling_overrides`), as upstream will once it is
+            merged: on the release the series is written for. Packed sequences and compiled forward passes, which the
+            series leaves to the whole batch, keep the patches' own per-sequence and per-row rotations.
 
     Returns:
         The decorated forward pass.
     """
+    series_forward = None
+    if series_longrope_update:
+        from modeling_overrides.modeling_rope_utils import dynamic_rope_update as series_dynamic_rope_update
+
+        series_forward = series_dynamic_rope_update(rope_forward)
 
     @wraps(rope_forward)
     def wrapper(self, x, position_ids, layer_type=None):
         rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
         kwargs = {"layer_type": layer_type} if layer_type is not None else {}
         packed = current_packed_sequence_lengths()
-        if "dynamic" in rope_type:
-            dynamic_frequency_update(self, position_ids, device=x.device, **kwargs)
-        elif rope_type == "longrope":
-            longrope_frequency_update(self, position_ids, device=x.device, **kwargs)
-        if (
+        per_sequence = (
             rope_type in ("longrope", "dynamic")
             and layer_type is None
             and packed is not None
             and packed.per_token.shape == position_ids.shape
+        )
+        if (
+            series_forward is not None
+            and rope_type == "longrope"
+            and not per_sequence
+            and not is_torchdynamo_compiling()
         ):
+            return series_forward(self, x, position_ids, **kwargs)
+        if "dynamic" in rope_type:
+            dynamic_frequency_update(self, position_ids, device=x.device, **kwargs)
+        elif rope_type == "longrope":
+            longrope_frequency_update(self, position_ids, device=x.device, **kwargs)
+        if per_sequence:
             return rope_forward_per_sequence(self, rope_forward, x, position_ids, packed)
         if rope_type == "longrope" and position_ids.shape[0] > 1:
             return longrope_forward_per_row(self, rope_forward, x, position_ids, **kwargs)

@@ -50,6 +50,7 @@ from .coverage import (
     Era,
     Model,
     UnrecognisedEraError,
+    era_of_release,
     model_exclusion,
     protects_continuous_batching,
     recognise_era,
@@ -125,7 +126,20 @@ def _rotary_forward_check(original) -> str | None:
 
 def _rotary_forward_replacement(original):
     # `forward` is decorated when its class is defined, so the decorator is re-applied to the undecorated function
-    return torch.no_grad()(rope_frequencies.dynamic_rope_update(inspect.unwrap(original)))
+    decorated = rope_frequencies.dynamic_rope_update(
+        inspect.unwrap(original), series_longrope_update=_binds_series_rope_update()
+    )
+    return torch.no_grad()(decorated)
+
+
+@functools.cache
+def _binds_series_rope_update() -> bool:
+    """Whether the installed release is the one the series is written for, whose longrope update the patches bind
+    as the series leaves it (`Era.binds_series_rope_update`)."""
+    import transformers
+
+    era = era_of_release(transformers.__version__)
+    return era is not None and era.binds_series_rope_update
 
 
 def _forward_check(required: list[str]):
