@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from . import versions
 from .binding import Binding, original_attribute
 from .consistent_decoding import ConsistentDecodingCompileError
-from .coverage import CONSISTENT_DECODING, CONTINUOUS_BATCHING
+from .coverage import CONSISTENT_DECODING, CONTINUOUS_BATCHING, SERVING
 from .hooks import rebind_all_hooked_forwards
 from .rope_cache_utils import (
     DEFAULT_STALE_CACHE_POLICIES,
@@ -374,7 +374,7 @@ def _refuse_if_nothing_is_protected(
 ) -> None:
     """Raises `PatchRefusedError` where leaving families out would protect no model, or would drop the consistent
     decoding the caller asked for: nothing is changed then."""
-    model_families = {binding.family for binding in bindings} - {CONTINUOUS_BATCHING, CONSISTENT_DECODING}
+    model_families = {binding.family for binding in bindings} - {CONTINUOUS_BATCHING, CONSISTENT_DECODING, SERVING}
     if CONSISTENT_DECODING not in unprotected and not (model_families and model_families <= set(unprotected)):
         return
     raise PatchRefusedError(

@@ -39,11 +39,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(serve_arguments: list[str]) -> int:
-    """Runs transformers' command line as `transformers serve ...` in this process, once the patches are applied (the
-    server decodes in this process's threads, so every request goes through the patched code)."""
+    """Runs transformers' command line as `transformers serve ...` in this process, once the patches are applied: the
+    server decodes in this process's threads, or (5.25 on) in a process it spawns for each model, which applies them
+    there too. A server the patches cannot reach is not started."""
     import patches
+    from patches.coverage import SERVING
 
-    patches.apply()
+    status = patches.apply()
+    if SERVING in status.unprotected:
+        print(
+            f"python -m patches serve: not started, since its model processes would decode unpatched: "
+            f"{status.unprotected[SERVING]}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         from transformers.cli.transformers import main as transformers_main  # 5.x
     except ImportError:

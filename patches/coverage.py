@@ -185,6 +185,7 @@ def protects_continuous_batching(release: str) -> bool:
 
 CONTINUOUS_BATCHING = "continuous batching"
 CONSISTENT_DECODING = "consistent decoding"
+SERVING = "transformers serve"
 """The families of bindings that are not a model's (a model's family is its modeling module, `"phi3"`): `apply()`
 leaves a family out whole when one of its bindings is refused."""
 

@@ -47,6 +47,7 @@ from .coverage import (
     MODELS,
     PHI3_ROTARY,
     PHIMOE_ROTARY,
+    SERVING,
     Era,
     Model,
     UnrecognisedEraError,
@@ -593,6 +594,52 @@ def _continuous_batching_bindings(stale_cache_policy: dict[str, str]) -> list[Bi
     return bindings
 
 
+def serving_bindings(stale_cache_policy: dict[str, str], consistent: bool) -> list[Binding]:
+    """
+    `transformers serve` where it decodes in a process it spawns for each model (5.25 on): that process's target,
+    `EngineClient.run_engine`, applies the patches there first, with this policy and mode
+    (`serving.run_in_patched_process`). A server that decodes in its own process (before 5.25), or none (no serving
+    extra installed), needs nothing. Where the release spawns its processes otherwise than the binding reads, one
+    refused binding says why: `apply()` then leaves the server out, with a warning, and protects the rest.
+    """
+    import importlib
+
+    try:
+        model_manager = importlib.import_module("transformers.cli.serving.model_manager")
+    except ImportError:  # no server to run
+        return []
+    if "multiprocessing" not in source(model_manager):  # it decodes in its own process, which `apply()` patches
+        return []
+    try:
+        bindings = [_engine_process_binding(model_manager.EngineClient, stale_cache_policy, consistent)]
+    except Exception as error:  # an optional part of the release: never an exception out of apply()
+        bindings = [_unreadable_family_binding(SERVING, error)]
+    return [dataclasses.replace(binding, family=SERVING) for binding in bindings]
+
+
+def _engine_process_binding(engine_client: type, stale_cache_policy: dict[str, str], consistent: bool) -> Binding:
+    from .serving import run_in_patched_process
+
+    def check(original) -> str | None:
+        # The process is spawned by `start_process`, with `EngineClient.run_engine` as its target
+        return all_checks(
+            expect_leading_parameters(["load", "generation_state", "requests", "results", "writer"]),
+            lambda original: expect_source('get_context("spawn")', "EngineClient.run_engine")(
+                original_attribute(engine_client, "start_process")
+            ),
+        )(original)
+
+    return Binding(
+        name="EngineClient.run_engine",
+        owner=engine_client,
+        attribute="run_engine",
+        replacement=lambda original: run_in_patched_process(
+            engine_client, "run_engine", stale_cache_policy, consistent
+        ),
+        check=check,
+    )
+
+
 def unprotected_continuous_batching_binding() -> Binding:
     """`ContinuousBatchingManager.__init__` warning that a model whose RoPE frequencies depend on the length is not
     protected there: for releases before `CONTINUOUS_BATCHING_FROM`, and where continuous batching is left out."""
@@ -750,6 +797,7 @@ def all_bindings(
     """
     bindings = model_bindings(stale_cache_policy, upstream_attribute)
     bindings += continuous_batching_bindings(stale_cache_policy)
+    bindings += serving_bindings(stale_cache_policy, consistent)
     if consistent:
         bindings += [
             dataclasses.replace(binding, family=CONSISTENT_DECODING) for binding in consistent_decoding_bindings()
