@@ -606,7 +606,7 @@ def serving_bindings(stale_cache_policy: dict[str, str], consistent: bool) -> li
 
     try:
         model_manager = importlib.import_module("transformers.cli.serving.model_manager")
-    except ImportError:  # no server to run
+    except Exception:  # no server to run: without the serving extra, some releases fail to import it (NameError)
         return []
     if "multiprocessing" not in source(model_manager):  # it decodes in its own process, which `apply()` patches
         return []

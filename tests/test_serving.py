@@ -5,6 +5,7 @@ a spawned process, its status and its decoding are checked here on every release
 spawns one. The whole server, across the switch, is tests/test_serve.py.
 """
 
+import importlib
 import importlib.util
 import multiprocessing
 import queue
@@ -121,6 +122,18 @@ class ServingBindingTest(unittest.TestCase):
         self.assertIsInstance(model_manager.EngineClient.run_engine, RunInPatchedProcess)
         patches.revert()
         self.assertIs(model_manager.EngineClient.__dict__["run_engine"], upstream)
+
+    def test_a_server_module_that_fails_to_import_needs_nothing(self):
+        # 5.10 without the serving extra: importing `model_manager` raises NameError, and so would the server
+        import_module = importlib.import_module
+
+        def failing_import(name, *args, **kwargs):
+            if name == "transformers.cli.serving.model_manager":
+                raise NameError("name 'CompletionCreateParamsStreaming' is not defined")
+            return import_module(name, *args, **kwargs)
+
+        with mock.patch.object(importlib, "import_module", failing_import):
+            self.assertEqual(targets.serving_bindings(POLICY, consistent=False), [])
 
     def test_refuses_a_server_that_starts_its_process_otherwise(self):
         class EngineClient:
