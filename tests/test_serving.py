@@ -22,7 +22,15 @@ from patches.serving import RunInPatchedProcess, run_in_patched_process
 from patches.tiny_models import SWITCH_POINT, random_tokens, tiny_phi3_model
 
 
-HAS_SERVER = importlib.util.find_spec("transformers.cli.serving.model_manager") is not None
+def has_server() -> bool:
+    """Whether this release has `transformers serve`'s model manager (`find_spec` raises where `transformers.cli` is
+    missing, before 5.0)."""
+    try:
+        return importlib.util.find_spec("transformers.cli.serving.model_manager") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 POLICY = {"dynamic": "raise", "longrope": "recompute"}
 SPAWN_TIMEOUT = 120
 
@@ -106,7 +114,9 @@ class ServingBindingTest(unittest.TestCase):
         patches.revert()
         self.addCleanup(patches.revert)
 
-    @unittest.skipUnless(HAS_SERVER, "no `transformers serve` on this release, or its serving extra is not installed")
+    @unittest.skipUnless(
+        has_server(), "no `transformers serve` on this release, or its serving extra is not installed"
+    )
     def test_binds_the_model_process_where_the_release_spawns_one(self):
         from transformers.cli.serving import model_manager
 
